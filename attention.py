@@ -1,0 +1,126 @@
+"""
+Complex-valued causal self-attention, the heart of the indra student.
+
+Each head works on complex vectors: real linear maps give Re and Im of q, k, v, position
+enters as a phase rotation of q and k (rotary embedding *is* a complex multiplication), the
+score is Re(q . conj(k)) / sqrt(head_dim), and a real linear map takes [Re, Im] of the output
+back to n_embd. Two interchangeable kernels compute the same thing (tests hold them equal):
+
+    reference  the two matmuls in complex64, upcasting half-precision inputs and casting the
+               result back (seed 000: CUDA has no ComplexHalf matmul). Readable, slow.
+    sdpa       Re(q . conj(k)) = [Re q | Im q] . [Re k | Im k], and softmax weights are real,
+               so one fused F.scaled_dot_product_attention over the stacked real features
+               computes scores and output at once, in bf16/fp16, with fused kernels.
+
+Shapes: a head has head_dim real features = head_dim // 2 complex numbers ("dc" below), so
+a student of width n_embd has as many attention parameters as a real GPT of that width.
+python -m pytest tests/test_attention.py
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def additive_mask(attention_mask, T, device, dtype=torch.float32):
+    """Causal + padding mask as one additive tensor, (B, 1, T, T): 0 where a query may look, -inf where not.
+
+    attention_mask: (B, T) with 1 for real tokens and 0 for padding, or None (no padding).
+    Seed 000: the padding mask becomes additive (1 -> 0, 0 -> -inf) and is added to the causal
+    mask, so a key that is in the future *or* padding gets -inf and softmax weight 0.
+    """
+    causal = torch.full((T, T), float('-inf'), device=device, dtype=dtype).triu(1)  # (T, T)
+    if attention_mask is None:
+        return causal.view(1, 1, T, T)
+    pad = torch.zeros(attention_mask.shape, device=device, dtype=dtype)
+    pad = pad.masked_fill(attention_mask[:, :T] == 0, float('-inf'))  # (B, T) keys
+    return causal.view(1, 1, T, T) + pad.view(-1, 1, 1, T)
+
+
+def rotary_phases(T, dc, base=10000.0, device=None):
+    """cos and sin of position * frequency, (T, dc): the unit complex numbers q and k are rotated by."""
+    freq = base ** (-torch.arange(dc, device=device, dtype=torch.float32) / dc)  # (dc,)
+    angle = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freq)  # (T, dc)
+    return angle.cos(), angle.sin()
+
+
+def attend_reference(q, k, v, cos, sin, mask, scale):
+    """The plain kernel: complex64 tensors, two complex matmuls.
+
+    q, k, v: (B, nh, T, 2*dc) real, laid out [Re | Im]; cos, sin: (T, dc); mask: (B|1, 1, T, T) additive.
+    Returns (B, nh, T, 2*dc) in the input dtype, laid out [Re | Im].
+    """
+    in_dtype = q.dtype
+    dc = q.size(-1) // 2
+
+    def as_complex(x):  # upcast: there is no complex bf16, and CUDA has no ComplexHalf matmul
+        x = x.float()
+        return torch.complex(x[..., :dc], x[..., dc:])  # (B, nh, T, dc) complex64
+
+    phase = torch.complex(cos, sin)  # (T, dc) e^{i * pos * freq}
+    qc, kc, vc = as_complex(q) * phase, as_complex(k) * phase, as_complex(v)
+    scores = (qc @ kc.conj().transpose(-2, -1)).real * scale + mask.float()  # (B, nh, T, T)
+    att = torch.softmax(scores, dim=-1)
+    y = att.to(torch.complex64) @ vc  # (B, nh, T, dc)
+    return torch.cat([y.real, y.imag], dim=-1).to(in_dtype)
+
+
+def rotate(x, cos, sin):
+    """Multiply [Re | Im] by e^{i angle} in real arithmetic (so the sdpa path stays all-real and compiles)."""
+    dc = x.size(-1) // 2
+    re, im = x[..., :dc], x[..., dc:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([re * cos - im * sin, re * sin + im * cos], dim=-1)
+
+
+def attend_sdpa(q, k, v, cos, sin, mask, scale):
+    """The fast kernel: one fused scaled_dot_product_attention over the stacked real features.
+
+    [Re q | Im q] . [Re k | Im k] = Re(q . conj(k)), and att @ [Re v | Im v] = [Re(att @ v) | Im(att @ v)].
+    mask=None means causal only (lets PyTorch pick its fastest causal kernel).
+    """
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+
+
+KERNELS = {'reference': attend_reference, 'sdpa': attend_sdpa}
+
+
+class ComplexAttention(nn.Module):
+
+    def __init__(self, n_embd, n_head, block_size, attn_impl='sdpa', dropout=0.0, rope_base=10000.0):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_embd={n_embd} must be divisible by n_head={n_head}"
+        self.head_dim = n_embd // n_head  # real features per head: Re and Im of head_dim // 2 complex numbers
+        assert self.head_dim % 2 == 0, f"n_embd // n_head = {self.head_dim} must be even (Re and Im halves)"
+        assert attn_impl in KERNELS, f"attn_impl={attn_impl!r}: choose one of {sorted(KERNELS)}"
+        self.n_head, self.attn_impl = n_head, attn_impl
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # Re and Im of q, k, v for every head
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)  # [Re, Im] of the output back to n_embd
+        self.resid_dropout = nn.Dropout(dropout)
+        cos, sin = rotary_phases(block_size, self.head_dim // 2, rope_base)
+        self.register_buffer('cos', cos, persistent=False)
+        self.register_buffer('sin', sin, persistent=False)
+
+    def forward(self, x, mask=None):
+        """x: (B, T, C); mask: additive (B|1, 1, T, T) from additive_mask(), or None for causal only."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        cos, sin = self.cos[:T], self.sin[:T]
+        scale = 1.0 / math.sqrt(self.head_dim)  # Re(q . conj k) sums head_dim real products
+        empty = None
+        if mask is not None:
+            # A query with no visible key (a left-padding position) would softmax over all -inf
+            # and give NaN. Let it see everything, then zero its output: no NaN forward or backward.
+            empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
+            mask = mask.masked_fill(empty, 0.0)
+        elif self.attn_impl == 'reference':
+            mask = additive_mask(None, T, x.device)
+        y = KERNELS[self.attn_impl](q, k, v, cos, sin, mask, scale)  # (B, nh, T, hs)
+        if empty is not None:
+            y = y.masked_fill(empty, 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))

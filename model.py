@@ -1,0 +1,156 @@
+"""
+The indra student: a GPT-shaped decoder with complex-valued attention (attention.py).
+
+Token embedding tied to the output head, pre-norm blocks (RMSNorm -> complex attention,
+RMSNorm -> MLP), no learned position table (rotary phases carry position). The vocabulary is
+the teacher's logit width, so teacher and student logits align token for token.
+
+    from model import IndraConfig, Indra
+    model = Indra(IndraConfig(vocab_size=49152, n_layer=6, n_head=6, n_embd=384))
+    print(model.param_report())
+    logits, loss = model(idx, attention_mask=mask, targets=targets)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attention import ComplexAttention, additive_mask
+
+
+@dataclass
+class IndraConfig:
+    vocab_size: int = 49152  # the teacher's logit width
+    block_size: int = 256  # longest sequence (rotary phases are precomputed up to it)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    attn_impl: str = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls)
+    rope_base: float = 10000.0
+    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.n_embd)
+        self.attn = ComplexAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.attn_impl, cfg.dropout, cfg.rope_base)
+        self.norm2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Indra(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith('proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, idx, attention_mask=None):
+        """The final normed hidden states (B, T, n_embd), before the tied head."""
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return self.norm_f(x)
+
+    def forward(self, idx, attention_mask=None, targets=None):
+        """idx: (B, T) token ids; attention_mask: (B, T) 1 real / 0 pad, or None.
+
+        targets: (B, T) next-token ids aligned with idx (targets[:, t] follows idx[:, t]; -1 is
+        ignored), for plain language-model training. Distillation uses losses.DistillationLoss.
+        Returns logits (B, T, vocab) and the mean cross-entropy (or None).
+        """
+        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
+
+    def param_report(self):
+        """Parameter count with the embedding's share (seed 001 watched it: 79% in embeddings starves the blocks)."""
+        total, emb = self.num_params(), self.wte.weight.numel()
+        per_block = sum(p.numel() for p in self.blocks[0].parameters())
+        return (f"student: {total / 1e6:.2f}M parameters = embedding (tied with head) {emb / 1e6:.2f}M "
+                f"({100 * emb / total:.1f}%) + {self.config.n_layer} blocks x {per_block / 1e6:.2f}M "
+                f"+ final norm {self.norm_f.weight.numel()}")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None):
+        """Sample up to max_new_tokens after idx (B, T). A row that emits eos_id keeps emitting it;
+        generation stops once every row has. temperature 0 means greedy.
+        attention_mask (B, T) marks real prompt tokens (prompts left-padded to one length)."""
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            mask = None if attention_mask is None else attention_mask[:, -self.config.block_size:]
+            logits = self.lm_head(self.hidden_states(window, mask)[:, -1, :]).float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
+                finished |= nxt.squeeze(1) == eos_id
+            idx = torch.cat([idx, nxt], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+            if eos_id is not None and finished.all():
+                break
+        return idx
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and/or the smallest set whose probability reaches top_p; -inf the rest."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    return logits
