@@ -59,7 +59,8 @@ class DistillationLoss(nn.Module):
         t = teacher_logits[:, :-1, :V].float() / self.temperature
         log_p_t = F.log_softmax(t, dim=-1)
         log_p_s = F.log_softmax(s / self.temperature, dim=-1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # (B, T-1) KL(teacher || student) per token
+        # sum_v p_t * (log p_t - log p_s): KL(teacher || student) per token, (B, T-1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction='none', log_target=True).sum(dim=-1)
         kl = (kl * w).sum() / n
         loss = (1 - self.kd_weight) * ce + self.kd_weight * self.temperature ** 2 * kl
         return loss, ce.detach(), kl.detach()

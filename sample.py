@@ -1,0 +1,67 @@
+"""
+Generate text with a trained indra student.
+
+    python sample.py --ckpt out/best.pt
+    python sample.py --ckpt out/best.pt --prompt "ROMEO:" --num_samples 3 --max_new_tokens 200
+    python sample.py --ckpt out/best.pt --chat --prompt "What is 2 + 3?"
+
+The tokenizer is rebuilt from the checkpoint's teacher spec and checked against the hash the
+checkpoint was trained with. --chat wraps the prompt in the teacher's chat template.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from model import Indra, IndraConfig
+from teacher import encode, load_tokenizer, tokenizer_hash
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--ckpt', default='out/best.pt', help='checkpoint written by train.py')
+parser.add_argument('--prompt', default=None, help="text to continue (default: a line of verse, or a question with --chat)")
+parser.add_argument('--chat', action='store_true', help="wrap the prompt in the teacher's chat template")
+parser.add_argument('--num_samples', type=int, default=2)
+parser.add_argument('--max_new_tokens', type=int, default=120)
+parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
+parser.add_argument('--top_k', type=int, default=50, help='0 = off')
+parser.add_argument('--top_p', type=float, default=1.0, help='1.0 = off')
+parser.add_argument('--seed', type=int, default=1337)
+parser.add_argument('--device', default='cpu')
+args = parser.parse_args()
+
+path = Path(args.ckpt)
+if not path.is_file():
+    raise SystemExit(f"indra: checkpoint {path} not found; train one with python train.py config/shakespeare.py "
+                     f"or pass --ckpt=path/to/best.pt")
+ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain containers only: no pickled code
+model = Indra(IndraConfig(**ckpt['model_args']))
+model.load_state_dict(ckpt['model'])
+model.to(args.device).eval()
+torch.manual_seed(args.seed)
+
+teacher = ckpt['config']['teacher']
+tokenizer, enc = load_tokenizer(teacher)
+if tokenizer_hash(tokenizer) != ckpt['tokenizer_hash']:
+    raise SystemExit(f"indra: the tokenizer of teacher {teacher!r} has changed since {path} was trained "
+                     f"(hash {tokenizer_hash(tokenizer)} != {ckpt['tokenizer_hash']}); point the teacher spec at the original")
+
+if args.chat:
+    prompt = args.prompt or "Write one line of verse about the sea."
+    text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids  # the template's special tokens are real tokens
+else:
+    text = args.prompt or "ROMEO:\nBut soft, what light"
+    ids = encode(enc, tokenizer, text)
+assert len(ids) < model.config.block_size, f"prompt of {len(ids)} tokens does not fit block_size {model.config.block_size}"
+
+x = torch.tensor([ids] * args.num_samples, device=args.device)
+out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                     top_p=args.top_p, eos_id=ckpt['eos_id'])
+print(model.param_report().split(' =')[0], f"from {path} (step {ckpt['iter_num']}), teacher {teacher}")
+for row in out.tolist():
+    new = row[len(ids):]
+    if ckpt['eos_id'] in new:
+        new = new[:new.index(ckpt['eos_id'])]
+    print('-' * 60)
+    print(text + tokenizer.decode(new, skip_special_tokens=True) if not args.chat
+          else f"user: {prompt}\nstudent: {tokenizer.decode(new, skip_special_tokens=True)}")

@@ -1,0 +1,113 @@
+"""End to end through the real scripts: train.py with a tiny random teacher (the real loading
+path), resume, sample.py; and, marked slow, the CPU quickstart and the seed recipe's wiring
+with the embedded teacher.
+Run: python -m pytest tests/test_train.py          (slow ones: python -m pytest -m slow)"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script, *args, cwd=None, timeout=600):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd or ROOT, timeout=timeout)
+    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def records(out):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def tiny_args(teacher, data, out, **kw):
+    args = dict(teacher=teacher, data_dir=data, out_dir=out, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                batch_size=4, gradient_accumulation_steps=2, eval_interval=10, eval_iters=2, log_interval=5,
+                learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40)
+    args.update(kw)
+    return [f'--{k}={v}' for k, v in args.items()]
+
+
+def test_tiny_run_learns_and_writes_checkpoints(tiny_teacher, tiny_data, tmp_path):
+    out = tmp_path / 'out'
+    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, out))
+    assert 'student:' in stdout and 'tokens per optimizer step: 512' in stdout
+    evals = [r for r in records(out) if 'val_ce' in r]
+    steps = [r for r in records(out) if 'loss' in r]
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30, 40] and len(steps) == 40
+    assert evals[-1]['val_ce'] < evals[0]['val_ce'] - 0.5
+    assert steps[-1]['loss'] < steps[0]['loss']
+    assert all(r['grad_norm'] > 0 and r['kl'] > 0 for r in steps)
+    for name in ('best.pt', 'ckpt.pt', 'config.json'):
+        assert (out / name).exists()
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 40 and ckpt['config']['teacher'] == tiny_teacher
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['best_val'] == min(r['val_ce'] for r in evals)
+
+    text = run('sample.py', f'--ckpt={out / "best.pt"}', '--prompt=The king', '--max_new_tokens=20', '--num_samples=2')
+    assert text.count('The king') == 2
+    chat = run('sample.py', f'--ckpt={out / "best.pt"}', '--chat', '--prompt=Who are you?', '--max_new_tokens=10')
+    assert 'user: Who are you?' in chat and 'student:' in chat
+
+
+def test_resume_continues_exactly(tiny_teacher, tiny_data, tmp_path):
+    """Half a run + resume gives the same loss record as the run straight through: the
+    checkpoint carries weights, optimizer, schedule, iteration and the batch order (seed 002
+    resumed with fresh weights)."""
+    common = dict(eval_interval=5, max_iters=20, lr_decay_iters=20, dropout=0.1)
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    run('train.py', *tiny_args(tiny_teacher, tiny_data, straight, **common))
+    run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **{**common, 'max_iters': 10}))
+    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **common), '--init_from=resume')
+    assert 'resumed from' in stdout and 'at step 10' in stdout
+    a, b = records(straight), records(split)
+    assert [r['iter'] for r in a] == [r['iter'] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ('loss', 'val_ce', 'grad_norm'):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra, rb)
+
+
+def test_fresh_run_does_not_overwrite_a_checkpoint(tiny_teacher, tiny_data, tmp_path):
+    out = tmp_path / 'out'
+    run('train.py', *tiny_args(tiny_teacher, tiny_data, out, max_iters=2, eval_interval=2))
+    before = (out / 'ckpt.pt').read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(tiny_teacher, tiny_data, out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and '--init_from=resume' in r.stderr.strip().splitlines()[-1]
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_sample_missing_checkpoint_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={tmp_path / "nope.pt"}'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and 'not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.slow
+def test_cpu_quickstart(tmp_path):
+    """Acceptance: the quickstart config drops held-out CE by at least 4 nats, then samples."""
+    out = tmp_path / 'out'
+    run('train.py', 'config/shakespeare.py', f'--out_dir={out}', timeout=1800)
+    evals = [r for r in records(out) if 'val_ce' in r]
+    assert evals[-1]['val_ce'] <= evals[0]['val_ce'] - 4.0, evals
+    text = run('sample.py', f'--ckpt={out / "best.pt"}', '--max_new_tokens=60')
+    assert 'ROMEO' in text
+    run('sample.py', f'--ckpt={out / "best.pt"}', '--chat', '--prompt=Who art thou?', '--max_new_tokens=20')
+
+
+@pytest.mark.slow
+def test_seed_recipe_wiring_on_cpu(tmp_path):
+    """config/indra_agent.py with the embedded teacher: 12 x 768 student, 8-bit AdamW, two steps."""
+    out = tmp_path / 'out'
+    stdout = run('train.py', 'config/indra_agent.py', '--teacher=smollm2-135m-instruct', '--dataset=shakespeare',
+                 '--device=cpu', '--teacher_quantization=none', '--max_iters=2', '--gradient_accumulation_steps=2',
+                 '--eval_iters=1', f'--out_dir={out}', timeout=1200)
+    assert 'student: 123.' in stdout and '12 blocks' in stdout
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['optimizer'] == 'adamw8bit' and ckpt['iter_num'] == 2
