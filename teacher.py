@@ -181,11 +181,11 @@ def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none'):
     if quantization not in QUANTIZATIONS:
         raise SystemExit(f"indra: teacher_quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}; "
                          f"pick one of those")
+    path = resolve(spec)  # first: an unavailable teacher is the first thing to fix
     device = torch.device(device)
     if quantization != 'none' and device.type != 'cuda':
         raise SystemExit(f"indra: teacher_quantization={quantization!r} needs a CUDA GPU (bitsandbytes k-bit "
                          f"matmuls); on CPU use --teacher_quantization=none")
-    path = resolve(spec)
     tok, enc = load_tokenizer(spec, path)
     kwargs = {}
     if quantization == '4bit':

@@ -1,5 +1,6 @@
 """configurator.py: config files then --key=value, with clear errors.
 Run: python -m pytest tests/test_config.py"""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,14 @@ def test_train_rejects_bad_input_before_any_work(tmp_path, args, words):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith('indra:') and all(w in last for w in words), r.stderr
     assert 'Traceback' not in r.stderr and not (tmp_path / 'out').exists()
+
+
+def test_unavailable_teacher_names_the_alternatives(tmp_path):
+    """config/indra_agent.py's hub teacher, offline and not cached: one line naming --teacher= options."""
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}  # an empty cache
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py'), str(ROOT / 'config/indra_agent.py'),
+                        f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in last and '--teacher=smollm2-135m-instruct' in last, r.stderr
+    assert not (tmp_path / 'out').exists()
