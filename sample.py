@@ -57,7 +57,7 @@ assert len(ids) < model.config.block_size, f"prompt of {len(ids)} tokens does no
 x = torch.tensor([ids] * args.num_samples, device=args.device)
 out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                      top_p=args.top_p, eos_id=ckpt['eos_id'])
-print(model.param_report().split(' =')[0], f"from {path} (step {ckpt['iter_num']}), teacher {teacher}")
+print(f"student of {model.num_params() / 1e6:.1f}M parameters from {path} (step {ckpt['iter_num']}), teacher {teacher}")
 for row in out.tolist():
     new = row[len(ids):]
     if ckpt['eos_id'] in new:

@@ -250,7 +250,7 @@ def evaluate():
     return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce, 'teacher_val_ppl': math.exp(t_ce)}
 
 
-def save(path, evaluated):
+def save(path):
     """Write atomically: a reader (or a crash) never sees half a checkpoint."""
     numpy_state = np.random.get_state()
     rng = {'data': data_gen.get_state(), 'torch': torch.get_rng_state(),
@@ -260,7 +260,7 @@ def save(path, evaluated):
         rng['cuda'] = torch.cuda.get_rng_state_all()
     state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
              'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val': best_val,
-             'bad_evals': bad_evals, 'evaluated': evaluated, 'rng': rng,
+             'bad_evals': bad_evals, 'rng': rng,
              'tokenizer_hash': tokenizer_hash(tokenizer), 'eos_id': meta['eos_id']}
     tmp = path.with_suffix('.tmp')
     with open(tmp, 'wb') as f:
@@ -305,8 +305,8 @@ while True:
             f"KL to teacher {stats['val_kl']:.4f}, teacher CE {stats['teacher_val_ce']:.4f} "
             f"(ppl {stats['teacher_val_ppl']:.1f}){'  *best*' if improved else ''}")
         if improved:
-            save(out_path / 'best.pt', evaluated=True)
-        save(out_path / 'ckpt.pt', evaluated=True)
+            save(out_path / 'best.pt')
+        save(out_path / 'ckpt.pt')
         if patience and bad_evals >= patience:
             print(f"early stop: val CE has not improved by more than {min_delta} for {patience} evaluations")
             break

@@ -1,0 +1,32 @@
+# The CPU quickstart: distill the embedded SmolLM2-135M-Instruct teacher into a 6-layer,
+# 384-wide complex-attention student (29.5M parameters, 64% of them the tied embedding of the
+# teacher's 49,152-token vocabulary) on Shakespeare's plays.
+#
+#   python train.py config/shakespeare.py
+#
+# On 2 CPU cores (Xeon with AVX-512 bf16) it takes about 10 minutes, bf16 autocast, the first
+# run also fetching the teacher (93 MB) and the plays and tokenizing them (~1 min).
+# Expect the held-out CE to fall from 10.9 at step 0 to about 5.3 (the teacher: 3.8).
+out_dir = 'out'
+dataset = 'shakespeare'
+teacher = 'smollm2-135m-instruct'
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+block_size = 256
+batch_size = 8
+gradient_accumulation_steps = 1  # 2,048 tokens per step: many small steps learn fastest in a 10-minute budget
+
+learning_rate = 2e-3
+min_lr = 2e-4
+max_iters = 200
+warmup_iters = 15
+eval_interval = 50
+eval_iters = 8
+log_interval = 10
+
+kd_weight = 0.5
+temperature = 2.0
+device = 'cpu'
+dtype = 'bfloat16'
