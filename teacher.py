@@ -208,6 +208,25 @@ def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none'):
     return model, tok, enc
 
 
+def teacher_hidden(model, idx, attention_mask=None):
+    """The teacher's final hidden states (B, T, C), the input of its output head: losses.py turns them into
+    logits a chunk at a time, so the full (B, T, V) logits never exist."""
+    return model.base_model(input_ids=idx, attention_mask=attention_mask).last_hidden_state
+
+
+def check_linear_head(model, vocab_size):
+    """losses.py computes the teacher's logits as hidden @ head.T; make sure that is what the model does
+    (no bias, no logit soft-capping or scaling), on a few tokens."""
+    head = model.get_output_embeddings()
+    idx = torch.arange(8, device=head.weight.device).view(1, 8) % vocab_size
+    with torch.no_grad():
+        want = model(idx).logits.float()
+        got = (teacher_hidden(model, idx) @ head.weight.t()).float()
+    if getattr(head, 'bias', None) is not None or not torch.allclose(got, want, atol=1e-2 * want.abs().max()):
+        raise SystemExit(f"indra: this teacher's logits are not a plain linear head over its last hidden states "
+                         f"(max difference {(got - want).abs().max():.3g}); indra's chunked loss needs that")
+
+
 # -----------------------------------------------------------------------------
 # tiktoken equal to a byte-level BPE Hugging Face tokenizer
 
@@ -366,3 +385,89 @@ def tokenizer_hash(tokenizer):
     """First 16 hex digits of the sha256 of the full vocabulary (added tokens included), sorted by id."""
     items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode('utf-8')).hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# teacher targets, computed once: python teacher.py --cache ...
+
+def targets_dir(data_dir, top_k, temperature, block_size):
+    return pathlib.Path(data_dir) / f'targets-k{top_k}-T{temperature:g}-b{block_size}'
+
+
+def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, batch_size=8,
+                  dtype=torch.bfloat16, device='cpu', max_blocks=None, loaded=None):
+    """Run the teacher once over train.bin in aligned blocks of block_size tokens and store, for every
+    position, its top_k log-probabilities at `temperature` (the rest of the mass is 1 - their sum; losses.py
+    treats it as one bucket). Files: ids.bin (the token dtype) and logp.bin (float16), (positions, top_k)
+    each, next to the token files. Resumable: progress.json counts the blocks done; meta.json is written
+    last and marks the cache complete. loaded: (model, tokenizer) already in memory. Returns the directory."""
+    from tqdm import tqdm
+    import numpy as np
+    data_dir = pathlib.Path(data_dir)
+    meta = json.loads((data_dir / 'meta.json').read_text())
+    out = targets_dir(data_dir, top_k, temperature, block_size)
+    if (out / 'meta.json').exists():
+        return out
+    tokens = np.memmap(data_dir / 'train.bin', dtype=meta['dtype'], mode='r')
+    n_blocks = len(tokens) // block_size if max_blocks is None else min(max_blocks, len(tokens) // block_size)
+    model, tok = loaded or load_teacher(spec, dtype=dtype, device=device)[:2]
+    if tokenizer_hash(tok) != meta['tokenizer_hash']:
+        raise SystemExit(f"indra: {data_dir} was prepared for another tokenizer than {spec!r}'s; prepare it for this teacher")
+    check_linear_head(model, len(tok))
+    head = model.get_output_embeddings().weight[:len(tok)]  # padded logits past the tokenizer are never targets
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / 'progress.json'
+    done = json.loads(progress.read_text())['blocks'] if progress.exists() else 0
+    shape = (n_blocks * block_size, top_k)
+    mode = 'r+' if done else 'w+'
+    ids = np.memmap(out / 'ids.bin', dtype=meta['dtype'], mode=mode, shape=shape)
+    logp = np.memmap(out / 'logp.bin', dtype=np.float16, mode=mode, shape=shape)
+    mass = 0.0
+    bar = tqdm(total=n_blocks, initial=done, desc=f"teacher targets (top {top_k}, T={temperature:g})", unit='block')
+    for b in range(done, n_blocks, batch_size):
+        e = min(b + batch_size, n_blocks)
+        x = torch.from_numpy(tokens[b * block_size:e * block_size].astype(np.int64)).view(e - b, block_size).to(device)
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = (teacher_hidden(model, x) @ head.t().to(dtype)).float() / temperature  # (B, T, V)
+        top = logits.log_softmax(dim=-1).topk(top_k, dim=-1)
+        ids[b * block_size:e * block_size] = top.indices.view(-1, top_k).cpu().numpy()
+        logp[b * block_size:e * block_size] = top.values.view(-1, top_k).cpu().numpy()
+        mass += top.values.exp().sum(dim=-1).sum().item()
+        ids.flush()
+        logp.flush()
+        _write_json(progress, {'blocks': e})  # only after the blocks are on disk: a crash redoes at most one batch
+        bar.update(e - b)
+    bar.close()
+    _write_json(out / 'meta.json', {'teacher': spec, 'tokenizer_hash': meta['tokenizer_hash'], 'top_k': top_k,
+                                    'temperature': temperature, 'block_size': block_size, 'blocks': n_blocks,
+                                    'ids_dtype': meta['dtype'], 'logp_dtype': 'float16'})
+    if n_blocks > done:
+        print(f"teacher targets: {n_blocks} blocks of {block_size} tokens; the top {top_k} tokens hold "
+              f"{mass / ((n_blocks - done) * block_size):.1%} of the teacher's mass at T={temperature:g} -> {out}")
+    return out
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=2) + '\n')
+    os.replace(tmp, path)
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the teacher-targets cache: python teacher.py --cache "
+                                     "--teacher=smollm2-135m-instruct --data_dir=data/shakespeare/smollm2-135m-instruct")
+    parser.add_argument('--cache', action='store_true', help='build the teacher-targets cache for --data_dir')
+    parser.add_argument('--teacher', default='smollm2-135m-instruct')
+    parser.add_argument('--data_dir', required=True, help='token files (train.bin, meta.json) made by prepare.py')
+    parser.add_argument('--top_k', type=int, default=64)
+    parser.add_argument('--temperature', type=float, default=2.0, help="train.py's temperature")
+    parser.add_argument('--block_size', type=int, default=256, help="train.py's block_size")
+    parser.add_argument('--batch_size', type=int, default=8)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--max_blocks', type=int, default=None, help='only the first N blocks (for a quick try)')
+    args = parser.parse_args()
+    if not args.cache:
+        parser.error('nothing to do: pass --cache')
+    build_targets(args.teacher, args.data_dir, args.top_k, args.temperature, args.block_size, args.batch_size,
+                  device=args.device, max_blocks=args.max_blocks)

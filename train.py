@@ -29,9 +29,9 @@ import psutil
 import torch
 
 from configurator import configure
-from losses import DistillationLoss
+from losses import DistillationLoss, Teacher
 from model import Indra, IndraConfig
-from teacher import load_teacher, teacher_slug, tokenizer_hash
+from teacher import build_targets, check_linear_head, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -51,6 +51,8 @@ gradient_accumulation_steps = 4  # micro-steps per optimizer step
 # teacher
 teacher = 'smollm2-135m-instruct'  # embedded name | local model dir | path/to/model.gguf | hub id
 teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA only)
+teacher_targets = 'live'  # 'live': the teacher runs every step | 'cache': its top-k targets, computed once (teacher.py --cache)
+targets_top_k = 64  # tokens per position kept in the cache
 # student
 n_layer = 6
 n_head = 6
@@ -62,6 +64,7 @@ gradient_checkpointing = False  # recompute activations in backward: less memory
 kd_weight = 0.5  # share of the KD term; 0 = plain cross-entropy on the same tokens
 temperature = 2.0  # softens both distributions in the KD term
 label_smoothing = 0.0  # for the CE part (seed 002 used 0.1)
+loss_chunk_tokens = 1024  # tokens per pass through the vocabulary-wide heads (bounds the loss's memory)
 # optimizer
 optimizer = 'adamw'  # 'adamw' (torch) | 'adamw8bit' (bitsandbytes, CPU and CUDA)
 learning_rate = 1e-3  # peak learning rate
@@ -81,6 +84,7 @@ min_delta = 0.0  # an improvement smaller than this does not count
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'bfloat16'  # 'bfloat16' | 'float16' (CUDA only, with GradScaler) | 'float32'
+compile = False  # torch.compile the student (needs a C/C++ compiler on CPU; compiles for a minute first)
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)]
@@ -102,6 +106,8 @@ if dtype == 'float16' and device_type == 'cpu':
     fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=bfloat16 or float32")
 if init_from not in ('scratch', 'resume'):
     fail(f"--init_from={init_from!r}: choose scratch or resume")
+if teacher_targets not in ('live', 'cache'):
+    fail(f"--teacher_targets={teacher_targets!r}: choose live or cache")
 if optimizer not in ('adamw', 'adamw8bit'):
     fail(f"--optimizer={optimizer!r}: choose adamw or adamw8bit")
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval',
@@ -134,6 +140,8 @@ teacher_model, tokenizer, _ = load_teacher(teacher, dtype=ptdtype, device=device
 teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]  # the logit width, may exceed len(tokenizer)
 print(f"teacher {teacher}: {sum(p.numel() for p in teacher_model.parameters()) / 1e6:.1f}M parameters, "
       f"{teacher_vocab} logits, loaded in {time.time() - t0:.1f}s")
+check_linear_head(teacher_model, len(tokenizer))
+teacher_head = teacher_model.get_output_embeddings().weight  # (V', C_teacher)
 
 data_path = Path(data_dir) if data_dir else ROOT / 'data' / dataset / teacher_slug(teacher)
 if not (data_path / 'meta.json').exists():
@@ -156,13 +164,32 @@ for split in ('train', 'val'):
         fail(f"{split}.bin in {data_path} has {n} tokens, fewer than one block of {block_size + 1}; lower --block_size")
 
 
+cache = None
+if teacher_targets == 'cache':  # the teacher's targets were computed once for aligned blocks of train.bin
+    cache_path = build_targets(teacher, data_path, targets_top_k, temperature, block_size, device=device, dtype=ptdtype,
+                               loaded=(teacher_model, tokenizer))
+    cache = json.loads((cache_path / 'meta.json').read_text())
+    cache['path'] = cache_path
+    print(f"training on cached teacher targets: {cache['blocks']} blocks, top {targets_top_k} at T={temperature:g}")
+
+
 def get_batch(split, generator):
-    """batch_size random windows of block_size tokens, (B, T). Shakespeare windows are all real
-    tokens, so no attention mask; the loss shifts by one inside."""
+    """batch_size windows of block_size tokens, (B, T), and the cached teacher targets for them (or None).
+    Shakespeare windows are all real tokens, so no attention mask; the loss shifts by one inside."""
     data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')  # re-opened: np.memmap leaks otherwise
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-    return x.to(device)
+    if split == 'train' and cache is not None:  # the cache holds whole aligned blocks
+        ix = torch.randint(cache['blocks'], (batch_size,), generator=generator) * block_size
+    else:
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()]).to(device)
+    if split != 'train' or cache is None:
+        return x, None
+    shape = (cache['blocks'] * block_size, targets_top_k)
+    ids = np.memmap(cache['path'] / 'ids.bin', dtype=cache['ids_dtype'], mode='r', shape=shape)
+    logp = np.memmap(cache['path'] / 'logp.bin', dtype=np.float16, mode='r', shape=shape)
+    rows = lambda a: torch.stack([torch.from_numpy(a[i:i + block_size].astype(np.int64 if a is ids else np.float32))
+                                  for i in ix.tolist()]).to(device)
+    return x, Teacher(ids=rows(ids), logp=rows(logp))  # (B, T, k) each
 
 
 # ---- student, optimizer, resume ---------------------------------------------
@@ -209,9 +236,20 @@ if checkpoint is not None:
     print(f"resumed from {out_path / 'ckpt.pt'} at step {iter_num} (best val CE {best_val:.4f})")
     checkpoint = None  # free it
 
-criterion = DistillationLoss(kd_weight, temperature, label_smoothing)
-eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0)  # the real KL(teacher || student), T = 1
-eval_ce = DistillationLoss(kd_weight=0.0)
+criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens)
+eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens)  # the real KL, T = 1
+eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)
+hidden_states = model.hidden_states  # (B, T) ids -> (B, T, C); the loss applies the tied head itself
+if compile:
+    try:  # compile now, on a real batch, so that the first timed step is not the compilation
+        hidden_states = torch.compile(model.hidden_states)
+        with torch.random.fork_rng(), autocast:  # leaves the RNG as it was (dropout draws from it)
+            hidden_states(get_batch('val', torch.Generator().manual_seed(0))[0]).sum().backward()
+        model.zero_grad(set_to_none=True)
+    except Exception as e:  # no C++ compiler, an unsupported platform: say so and run eager
+        print(f"indra: torch.compile is unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              f"running the student uncompiled")
+        hidden_states = model.hidden_states
 
 
 def get_lr(it):
@@ -226,9 +264,9 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def teacher_logits(x):
+def teacher_targets(x):
     with torch.no_grad(), autocast:
-        return teacher_model(x).logits
+        return Teacher(hidden=teacher_hidden(teacher_model, x), head=teacher_head)
 
 
 @torch.no_grad()
@@ -238,12 +276,11 @@ def evaluate():
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every evaluation
     totals = torch.zeros(3)
     for _ in range(eval_iters):
-        x = get_batch('val', gen)
-        t_logits = teacher_logits(x)
+        x, _ = get_batch('val', gen)
+        t = teacher_targets(x)
         with autocast:
-            s_logits, _ = model(x)
-        _, ce, kl = eval_kl(s_logits, t_logits, x)
-        _, t_ce, _ = eval_ce(t_logits[..., :model.config.vocab_size], None, x)
+            _, ce, kl = eval_kl(hidden_states(x), model.lm_head.weight, x, teacher=t)
+            _, t_ce, _ = eval_ce(t.hidden, t.head[:model.config.vocab_size], x)
         totals += torch.stack([ce.float().cpu(), kl.float().cpu(), t_ce.float().cpu()])
     model.train()
     ce, kl, t_ce = (totals / eval_iters).tolist()
@@ -318,11 +355,11 @@ while True:
     t_start = time.perf_counter()
     parts = torch.zeros(3)
     for micro_step in range(gradient_accumulation_steps):
-        x = get_batch('train', data_gen)
-        t_logits = teacher_logits(x) if kd_weight > 0 else None
+        x, t = get_batch('train', data_gen)
+        if t is None and kd_weight > 0:
+            t = teacher_targets(x)
         with autocast:
-            logits, _ = model(x)
-            loss, ce, kl = criterion(logits, t_logits, x)
+            loss, ce, kl = criterion(hidden_states(x), model.lm_head.weight, x, teacher=t)
         scaler.scale(loss / gradient_accumulation_steps).backward()
         parts += torch.stack([loss.detach().float().cpu(), ce.float().cpu(), kl.float().cpu()])
     scaler.unscale_(opt)  # true gradients (a no-op unless float16), for clipping and the logged norm

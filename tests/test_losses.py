@@ -1,15 +1,15 @@
-"""DistillationLoss against a hand-written per-token reference and known cases.
-Run: python -m pytest tests/test_losses.py"""
+"""DistillationLoss (chunked, from hidden states) against a per-token reference, plain autograd
+on full logits, and known cases. Run: python -m pytest tests/test_losses.py"""
 import math
 
 import pytest
 import torch
 
-from losses import DistillationLoss
+from losses import DistillationLoss, Teacher
 
 
 def reference(s, t, idx, am, lm, kd_weight, T, smoothing=0.0):
-    """One token at a time, with Python floats."""
+    """One token at a time, with Python floats, from full logits."""
     B, L, V = s.shape
     total_ce = total_kl = 0.0
     n = 0
@@ -30,87 +30,8 @@ def reference(s, t, idx, am, lm, kd_weight, T, smoothing=0.0):
     return (1 - kd_weight) * ce + kd_weight * T * T * kl, ce, kl
 
 
-def data(B=2, L=7, V=11, Vt=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(B, L, V, generator=g) * 2
-    t = torch.randn(B, L, Vt or V, generator=g) * 2
-    idx = torch.randint(V, (B, L), generator=g)
-    return s, t, idx
-
-
-@pytest.mark.parametrize('kd_weight,T,smoothing', [(0.5, 2.0, 0.0), (0.9, 1.0, 0.1), (0.0, 3.0, 0.0), (1.0, 4.0, 0.0)])
-def test_matches_per_token_reference(kd_weight, T, smoothing):
-    s, t, idx = data()
-    am = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
-    lm = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1, 1]])
-    loss, ce, kl = DistillationLoss(kd_weight, T, smoothing)(s, t, idx, am, lm)
-    want, want_ce, want_kl = reference(s, t, idx, am, lm, kd_weight, T, smoothing)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    assert ce.item() == pytest.approx(want_ce, rel=1e-5)
-    if kd_weight > 0:
-        assert kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-7)
-
-
-def test_identical_distributions_give_zero_kl():
-    s, _, idx = data()
-    loss, ce, kl = DistillationLoss(kd_weight=1.0, temperature=2.0)(s, s.clone(), idx)
-    assert abs(kl.item()) < 1e-6 and abs(loss.item()) < 1e-5
-
-
-def test_t_squared_convention():
-    """kd_weight=1: loss = T^2 * KL at temperature T."""
-    s, t, idx = data()
-    for T in (1.0, 2.0, 4.0):
-        loss, _, kl = DistillationLoss(kd_weight=1.0, temperature=T)(s, t, idx)
-        assert loss.item() == pytest.approx(T * T * kl.item(), rel=1e-6)
-
-
-def test_masked_tokens_change_nothing():
-    s, t, idx = data()
-    am = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-    crit = DistillationLoss(0.5, 2.0)
-    base = crit(s, t, idx, am)[0]
-    s2, t2, idx2 = s.clone(), t.clone(), idx.clone()
-    s2[0, 4:] += 100 * torch.randn(3, 11)  # garbage at padded positions
-    t2[0, 4:] -= 50
-    idx2[0, 4:] = 3
-    assert torch.allclose(base, crit(s2, t2, idx2, am)[0])
-
-
-def test_gradient_reaches_only_counted_positions():
-    s, t, idx = data()
-    s.requires_grad_(True)
-    am = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-    DistillationLoss(0.5, 2.0)(s, t, idx, am)[0].backward()
-    assert (s.grad[0, 2:] == 0).all()  # position 2 predicts pad token 3; the last position predicts nothing
-    assert (s.grad[1, -1] == 0).all()
-    assert s.grad[0, :2].abs().sum() > 0
-
-
-def test_all_padding_batch_is_finite_and_zero():
-    s, t, idx = data()
-    s.requires_grad_(True)
-    loss, ce, kl = DistillationLoss(0.5, 2.0)(s, t, idx, torch.zeros(2, 7, dtype=torch.long))
-    loss.backward()
-    assert loss.item() == 0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()
-
-
-def test_wider_teacher_is_cut_to_student_width():
-    s, t, idx = data(V=11, Vt=16)  # teacher padded past the tokenizer, like Qwen's 151,936 logits
-    loss, _, _ = DistillationLoss(0.7, 2.0)(s, t, idx)
-    want, _, _ = reference(s, t, idx, None, None, 0.7, 2.0)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-
-
-def test_ce_only_needs_no_teacher():
-    s, _, idx = data()
-    loss, ce, kl = DistillationLoss(kd_weight=0.0)(s, None, idx)
-    want = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 11), idx[:, 1:].reshape(-1))
-    assert torch.allclose(loss, want) and kl.item() == 0
-
-
 def plain_autograd(s, t, idx, am, lm, a, T, eps):
-    """The loss as ordinary autograd ops, for the gradient check of the fused version."""
+    """The loss as ordinary autograd ops on full logits: what the chunked loss must equal."""
     V = s.size(-1)
     w = torch.ones(idx.shape[0], idx.shape[1] - 1)
     if am is not None:
@@ -125,20 +46,138 @@ def plain_autograd(s, t, idx, am, lm, a, T, eps):
     return (w * ((1 - a) * ce + a * T * T * kl)).sum() / w.sum().clamp(min=1)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_gradient_equals_autograd(dtype):
-    s, t, idx = data(B=3, L=9, V=700, Vt=768)  # several row chunks, a padded teacher
+def data(B=2, L=7, V=11, Vt=None, C=6, Ct=5, seed=0):
+    """Hidden states and heads for both models; logits = hidden @ head.T."""
+    g = torch.Generator().manual_seed(seed)
+    h, th = torch.randn(B, L, C, generator=g), torch.randn(B, L, Ct, generator=g)
+    W, tW = torch.randn(V, C, generator=g), torch.randn(Vt or V, Ct, generator=g)
+    idx = torch.randint(V, (B, L), generator=g)
+    return h, W, th, tW, idx
+
+
+MASKS = (torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]),
+         torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1, 1]]))
+
+
+@pytest.mark.parametrize('kd_weight,T,smoothing', [(0.5, 2.0, 0.0), (0.9, 1.0, 0.1), (0.0, 3.0, 0.0), (1.0, 4.0, 0.0)])
+def test_matches_per_token_reference(kd_weight, T, smoothing):
+    h, W, th, tW, idx = data()
+    am, lm = MASKS
+    loss, ce, kl = DistillationLoss(kd_weight, T, smoothing)(h, W, idx, am, lm, Teacher(th, tW))
+    want, want_ce, want_kl = reference(h @ W.T, th @ tW.T, idx, am, lm, kd_weight, T, smoothing)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert ce.item() == pytest.approx(want_ce, rel=1e-5)
+    if kd_weight > 0:
+        assert kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize('dtype,chunk', [(torch.float32, 1024), (torch.float32, 4), (torch.bfloat16, 5)])
+def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk):
+    h, W, th, tW, idx = data(B=3, L=9, V=700, Vt=768, C=16, Ct=12)  # row sub-chunks, a padded teacher
     am = torch.ones(3, 9, dtype=torch.long)
     am[0, :3] = 0
     am[2, 7:] = 0
     lm = torch.ones(3, 9, dtype=torch.long)
     lm[1, :4] = 0
-    s, t = s.to(dtype), t.to(dtype)
-    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    loss, _, _ = DistillationLoss(0.6, 2.5, 0.1)(s1, t, idx, am, lm)
-    want = plain_autograd(s2, t, idx, am, lm, 0.6, 2.5, 0.1)
+    h, th = h.to(dtype), th.to(dtype)
+    h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    h2, W2 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, _, _ = DistillationLoss(0.6, 2.5, 0.1, chunk_tokens=chunk)(h1, W1, idx, am, lm, Teacher(th, tW))
+    want = plain_autograd(h2 @ W2.to(dtype).T, th @ tW.to(dtype).T, idx, am, lm, 0.6, 2.5, 0.1)
     (3 * loss).backward()
     (3 * want).backward()
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the gradient itself is stored in bf16
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert s1.grad.dtype == dtype and torch.allclose(s1.grad.float(), s2.grad.float(), atol=tol * s2.grad.abs().max())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: logits and gradients are rounded to bf16
+    assert loss.item() == pytest.approx(want.item(), rel=tol)
+    assert h1.grad.dtype == dtype and W1.grad.dtype == torch.float32
+    for a, b in ((h1.grad, h2.grad), (W1.grad, W2.grad)):
+        assert torch.allclose(a.float(), b.float(), atol=tol * b.abs().max()), (a - b).abs().max()
+
+
+def test_identical_distributions_give_zero_kl():
+    h, W, _, _, idx = data()
+    loss, ce, kl = DistillationLoss(kd_weight=1.0, temperature=2.0)(h, W, idx, teacher=Teacher(h.clone(), W.clone()))
+    assert abs(kl.item()) < 1e-6 and abs(loss.item()) < 1e-5
+
+
+def test_t_squared_convention():
+    """kd_weight=1: loss = T^2 * KL at temperature T."""
+    h, W, th, tW, idx = data()
+    for T in (1.0, 2.0, 4.0):
+        loss, _, kl = DistillationLoss(kd_weight=1.0, temperature=T)(h, W, idx, teacher=Teacher(th, tW))
+        assert loss.item() == pytest.approx(T * T * kl.item(), rel=1e-6)
+
+
+def test_masked_tokens_change_nothing():
+    h, W, th, tW, idx = data()
+    am = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    crit = DistillationLoss(0.5, 2.0)
+    base = crit(h, W, idx, am, teacher=Teacher(th, tW))[0]
+    h2, th2, idx2 = h.clone(), th.clone(), idx.clone()
+    h2[0, 4:] += 100 * torch.randn(3, 6)  # garbage at padded positions
+    th2[0, 4:] -= 50
+    idx2[0, 4:] = 3
+    assert torch.allclose(base, crit(h2, W, idx2, am, teacher=Teacher(th2, tW))[0])
+
+
+def test_gradient_reaches_only_counted_positions():
+    h, W, th, tW, idx = data()
+    h.requires_grad_(True)
+    am = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    DistillationLoss(0.5, 2.0)(h, W, idx, am, teacher=Teacher(th, tW))[0].backward()
+    assert (h.grad[0, 2:] == 0).all()  # position 2 predicts pad token 3; the last position predicts nothing
+    assert (h.grad[1, -1] == 0).all()
+    assert h.grad[0, :2].abs().sum() > 0
+
+
+def test_all_padding_batch_is_finite_and_zero():
+    h, W, th, tW, idx = data()
+    h.requires_grad_(True)
+    loss, ce, kl = DistillationLoss(0.5, 2.0)(h, W, idx, torch.zeros(2, 7, dtype=torch.long), teacher=Teacher(th, tW))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(h.grad).all() and (h.grad == 0).all()
+
+
+def test_ce_only_needs_no_teacher():
+    h, W, _, _, idx = data()
+    loss, ce, kl = DistillationLoss(kd_weight=0.0)(h, W, idx)
+    s = h @ W.T
+    want = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 11), idx[:, 1:].reshape(-1))
+    assert torch.allclose(loss, want) and kl.item() == 0
+
+
+def sparse_targets(t, T, k):
+    """The cache's format: teacher log-probs at temperature T on its top-k tokens."""
+    logp = torch.log_softmax(t / T, -1)
+    top = logp.topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def test_sparse_targets_equal_dense_when_k_covers_the_vocabulary():
+    h, W, th, tW, idx = data(V=11)
+    ids, logp = sparse_targets(th @ tW.T, 2.0, k=11)
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    crit = DistillationLoss(0.7, 2.0)
+    dense = crit(h1, W, idx, teacher=Teacher(th, tW))[0]
+    sparse = crit(h2, W, idx, teacher=Teacher(ids=ids, logp=logp))[0]
+    dense.backward()
+    sparse.backward()
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-6)
+
+
+def test_sparse_kl_and_gradient_equal_the_bucketed_formula():
+    """top-k + tail bucket: KL over k tokens plus one bucket holding the rest of each distribution."""
+    h, W, th, tW, idx = data(V=40, C=8)
+    T, k = 1.5, 6
+    ids, logp = sparse_targets(th @ tW.T, T, k)
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    loss, _, kl = DistillationLoss(1.0, T)(h1, W, idx, teacher=Teacher(ids=ids, logp=logp))
+    log_q = torch.log_softmax(h2 @ W.T / T, -1)[:, :-1]
+    ids_, logp_ = ids[:, :-1], logp[:, :-1]
+    p_tail = 1 - logp_.exp().sum(-1)
+    q_tail = 1 - log_q.gather(-1, ids_).exp().sum(-1)
+    want_kl = (logp_.exp() * (logp_ - log_q.gather(-1, ids_))).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    (T * T * want_kl.mean()).backward()
+    loss.backward()
+    assert kl.item() == pytest.approx(want_kl.mean().item(), rel=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)

@@ -1,0 +1,243 @@
+"""
+Speed and memory of indra's hot paths: every row compares two or three ways of doing the same
+work, measured in this one process, one after the other, and printed as a ratio.
+
+    python bench.py                 # CPU: about 6 minutes on 2 cores
+    python bench.py --device=cuda   # one GPU (tokens for the loss rows: 8,192)
+
+Timing: each case runs once to warm up, then `repeats` times; CUDA is synchronized before the
+clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
+memory sampled every millisecond while the case runs once, minus what was resident before
+(PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU counts FLOPs with the PaLM formula (Chowdhery et
+al. 2022, appendix B): 6N + 12 L T C per trained token and 2N + 4 L T C per teacher token, N the
+parameters that take part in matmuls (the tied head once, the embedding lookup not), against a
+peak that is measured here (a large bf16 matmul) on CPU or looked up for the GPU.
+"""
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from attention import ComplexAttention
+from losses import DistillationLoss, Teacher
+from model import Indra, IndraConfig
+
+ROOT = Path(__file__).resolve().parent
+GPU_PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
+
+parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+parser.add_argument('--repeats', type=int, default=3)
+args = parser.parse_args()
+device = args.device
+cuda = device.startswith('cuda')
+rows = []
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats=args.repeats):
+    """Seconds per call, after one warm-up call."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def peak_bytes(make):
+    """Peak extra memory of one run of the case make() returns."""
+    case = make()  # inputs first: the peak counts only what running the case adds
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        case()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: large tensors are mmap'ed and unmapped when freed, so the resident size follows them; a thread
+    # samples it every millisecond while the case runs
+    proc, running = psutil.Process(), True
+    base = peak = proc.memory_info().rss
+
+    def sample():
+        nonlocal peak
+        while running:
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.001)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    case()
+    running = False
+    thread.join()
+    return peak - base
+
+
+def row(what, a_name, a, b_name, b, note=''):
+    rows.append((what, f"{a_name} {a}", f"{b_name} {b}", note))
+    print(f"  {what}: {a_name} {a} | {b_name} {b} {note}", flush=True)
+
+
+def ms(s):
+    return f"{s * 1e3:.1f} ms"
+
+
+# ---- attention: sdpa vs the complex64 reference -----------------------------
+print("attention (n_embd 384, 6 heads), forward + backward", flush=True)
+for dtype in (torch.float32, torch.bfloat16):
+    for T, B in ((256, 8), (1024, 2)):
+        torch.manual_seed(0)
+        x = torch.randn(B, T, 384, device=device)
+        out, times = {}, {}
+        for impl in ('reference', 'sdpa'):
+            torch.manual_seed(1)
+            attn = ComplexAttention(384, 6, T, attn_impl=impl).to(device)
+            amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+            def step():
+                xi = x.detach().requires_grad_(True)
+                with amp:
+                    y = attn(xi)
+                y.float().square().mean().backward()
+                return y
+            out[impl] = step().float()
+            times[impl] = timed(step)
+        diff = (out['reference'] - out['sdpa']).abs().max().item()
+        row(f"attention {str(dtype)[6:]} T={T} B={B}", 'reference', ms(times['reference']), 'sdpa',
+            ms(times['sdpa']), f"-> sdpa {times['reference'] / times['sdpa']:.1f}x faster, max |diff| {diff:.1e}")
+
+
+# ---- the loss: chunked from hidden states vs naive full-logit KD -------------
+def naive_loss(h, W, th, tW, idx, a=0.5, T=2.0):
+    """Full-logit KD as it is usually written: both models' (N, V) logits, then fp32 softmaxes."""
+    s = (h @ W.t()).float()
+    t = (th @ tW.t()).float()
+    ce = F.cross_entropy(s[:-1], idx[1:])
+    log_p = F.log_softmax(t[:-1] / T, -1)
+    kl = (log_p.exp() * (log_p - F.log_softmax(s[:-1] / T, -1))).sum(-1).mean()
+    return (1 - a) * ce + a * T * T * kl
+
+
+def loss_case(kind, N, V, C, Ct):
+    def make():
+        torch.manual_seed(0)
+        dt = torch.bfloat16
+        h = torch.randn(N, C, device=device, dtype=dt, requires_grad=True)
+        W = (torch.randn(V, C, device=device) * 0.02).requires_grad_(True)
+        th, tW = torch.randn(N, Ct, device=device, dtype=dt), torch.randn(V, Ct, device=device, dtype=dt) * 0.02
+        idx = torch.randint(V, (N,), device=device)
+        crit = DistillationLoss(0.5, 2.0)
+
+        def run():
+            h.grad = W.grad = None
+            if kind == 'naive':
+                loss = naive_loss(h, W.to(dt), th, tW, idx)
+            else:
+                loss = crit(h.view(1, N, C), W, idx.view(1, N), teacher=Teacher(th.view(1, N, Ct), tW))[0]
+            loss.backward()
+        return run
+    return make
+
+
+N = 8192 if cuda else 2048
+print(f"KD loss over {N} tokens, forward + backward (bf16 hidden states, fp32 softmax)", flush=True)
+for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
+    t_naive, t_chunk = timed(loss_case('naive', N, V, C, Ct)()), timed(loss_case('chunked', N, V, C, Ct)())
+    m_naive, m_chunk = peak_bytes(loss_case('naive', N, V, C, Ct)), peak_bytes(loss_case('chunked', N, V, C, Ct))
+    row(f"loss V={V} time", 'naive', ms(t_naive), 'chunked', ms(t_chunk), f"-> chunked {t_chunk / t_naive:.2f}x the time")
+    row(f"loss V={V} peak memory", 'naive', f"{m_naive / 2**30:.2f} GiB", 'chunked', f"{m_chunk / 2**30:.2f} GiB",
+        f"-> chunked {m_chunk / m_naive:.0%} of naive")
+
+
+# ---- a training step: live teacher vs cached targets vs CE only (the quickstart config) ----
+from teacher import build_targets, load_teacher, teacher_hidden  # noqa: E402  (slow imports, only here)
+
+spec, block, batch = 'smollm2-135m-instruct', 256, 8
+data = ROOT / 'data' / 'shakespeare' / spec
+if not (data / 'meta.json').exists():
+    import importlib.util
+    prep = importlib.util.spec_from_file_location('prepare', ROOT / 'data' / 'shakespeare' / 'prepare.py')
+    module = importlib.util.module_from_spec(prep)
+    prep.loader.exec_module(module)
+    module.prepare(spec)
+amp_dtype = torch.bfloat16
+amp = torch.autocast(torch.device(device).type, dtype=amp_dtype)
+teacher, tok, _ = load_teacher(spec, dtype=amp_dtype, device=device)
+head = teacher.get_output_embeddings().weight
+with tempfile.TemporaryDirectory() as tmp:  # a small cache in a scratch copy, never beside the real token files
+    for name in ('train.bin', 'meta.json'):
+        os.symlink(data / name, Path(tmp) / name)
+    cache = build_targets(spec, tmp, 64, 2.0, block, batch_size=batch, dtype=amp_dtype, device=device, max_blocks=batch,
+                          loaded=(teacher, tok))
+    import numpy as np
+    tokens = np.memmap(data / 'train.bin', dtype=np.uint16, mode='r')
+    x = torch.from_numpy(tokens[:batch * block].astype(np.int64)).view(batch, block).to(device)
+    ids = torch.from_numpy(np.fromfile(cache / 'ids.bin', dtype=np.uint16).astype(np.int64)).view(batch, block, 64)
+    logp = torch.from_numpy(np.fromfile(cache / 'logp.bin', dtype=np.float16).astype(np.float32)).view(batch, block, 64)
+    shutil.rmtree(cache)
+cached = Teacher(ids=ids.to(device), logp=logp.to(device))
+
+torch.manual_seed(0)
+student = Indra(IndraConfig(vocab_size=head.shape[0], block_size=block, n_layer=6, n_head=6, n_embd=384)).to(device)
+opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+steps = {}
+for kind in ('live teacher', 'cached targets', 'CE only'):
+    crit = DistillationLoss(0.0 if kind == 'CE only' else 0.5, 2.0)
+
+    def step():
+        if kind == 'live teacher':
+            with torch.no_grad(), amp:
+                t = Teacher(hidden=teacher_hidden(teacher, x), head=head)
+        else:
+            t = cached if kind == 'cached targets' else None
+        with amp:
+            loss = crit(student.hidden_states(x), student.lm_head.weight, x, teacher=t)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    steps[kind] = timed(step)
+print(f"training step, quickstart config ({batch} x {block} tokens, 6 x 384 student, SmolLM2-135M teacher)", flush=True)
+row("step", 'CE only', ms(steps['CE only']), 'cached targets', ms(steps['cached targets']),
+    f"-> cached {steps['cached targets'] / steps['CE only']:.2f}x CE-only; live teacher {ms(steps['live teacher'])} "
+    f"({steps['live teacher'] / steps['CE only']:.2f}x)")
+
+# ---- end-to-end tokens/s and MFU of the live-teacher step ----
+if cuda:
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    peak_src = f"{name}, looked up" if peak else f"{name}: not in the table, MFU not reported"
+else:
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    peak = 2 * 4096 ** 3 / timed(lambda: a @ a, repeats=5)
+    peak_src = "a 4096^3 bf16 matmul on this machine"
+cfg, tcfg = student.config, teacher.config
+n_student = sum(p.numel() for p in student.parameters())  # tied: the head counted once, as a matmul
+n_teacher = sum(p.numel() for p in teacher.parameters()) - (0 if tcfg.tie_word_embeddings else head.numel())
+f_student = 6 * n_student + 12 * cfg.n_layer * block * cfg.n_embd
+f_teacher = 2 * n_teacher + 4 * tcfg.num_hidden_layers * block * tcfg.num_attention_heads * tcfg.head_dim
+tok_s = batch * block / steps['live teacher']
+mfu = f"{(f_student + f_teacher) * tok_s / peak:.1%}" if peak else 'n/a'
+row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', mfu,
+    f"(FLOPs/token: student {f_student / 1e6:.0f}M + teacher {f_teacher / 1e6:.0f}M; peak "
+    f"{(peak or 0) / 1e12:.2f} TFLOP/s bf16, {peak_src})")
+
+print(f"\n| {'what':<34} | {'A':<26} | {'B':<26} | ratio and notes")
+print(f"|{'-' * 36}|{'-' * 28}|{'-' * 28}|{'-' * 20}")
+for what, a, b, note in rows:
+    print(f"| {what:<34} | {a:<26} | {b:<26} | {note}")
+cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?') \
+    if os.path.exists('/proc/cpuinfo') else '?'
+print(f"\nmachine: {torch.cuda.get_device_name() if cuda else cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
