@@ -214,6 +214,41 @@ row("step", 'CE only', ms(steps['CE only']), 'cached targets', ms(steps['cached 
     f"-> cached {steps['cached targets'] / steps['CE only']:.2f}x CE-only; live teacher {ms(steps['live teacher'])} "
     f"({steps['live teacher'] / steps['CE only']:.2f}x)")
 
+# where the live step's time goes: the parts alone, the same work as in step()
+crit = DistillationLoss(0.5, 2.0)
+with torch.no_grad(), amp:
+    t_live = Teacher(hidden=teacher_hidden(teacher, x), head=head)
+    h_fixed = student.hidden_states(x)
+
+
+def teacher_forward():
+    with torch.no_grad(), amp:
+        teacher_hidden(teacher, x)
+
+
+def student_blocks():  # embedding + blocks forward and backward, without the head and the loss
+    with amp:
+        student.hidden_states(x).float().square().mean().backward()
+
+
+def head_and_loss():  # both heads, softmaxes, KL, CE, and the gradients of the hidden states and the head
+    h = h_fixed.detach().requires_grad_(True)
+    with amp:
+        crit(h, student.lm_head.weight, x, teacher=t_live)[0].backward()
+
+
+def optimizer_step():
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+
+
+parts = {name: timed(fn) for name, fn in (('teacher forward', teacher_forward), ('student blocks fwd+bwd', student_blocks),
+                                          ('heads + loss fwd+bwd', head_and_loss), ('optimizer', optimizer_step))}
+opt.zero_grad(set_to_none=True)
+total = sum(parts.values())
+row("live step, part by part", 'sum of parts', ms(total), 'largest', max(parts, key=parts.get),
+    '; '.join(f"{k} {ms(v)} ({v / total:.0%})" for k, v in parts.items()))
+
 # ---- end-to-end tokens/s and MFU of the live-teacher step ----
 if cuda:
     name = torch.cuda.get_device_name()
