@@ -36,6 +36,8 @@ GPU_PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 parser.add_argument('--repeats', type=int, default=3)
+parser.add_argument('--recipe_teacher', default='Qwen/Qwen2.5-0.5B-Instruct',
+                    help='GPU only: the teacher of the seed 000 recipe row (a hub id in the local cache, or a path)')
 args = parser.parse_args()
 device = args.device
 cuda = device.startswith('cuda')
@@ -268,6 +270,34 @@ mfu = f"{(f_student + f_teacher) * tok_s / peak:.1%}" if peak else 'n/a'
 row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', mfu,
     f"(FLOPs/token: student {f_student / 1e6:.0f}M + teacher {f_teacher / 1e6:.0f}M; peak "
     f"{(peak or 0) / 1e12:.2f} TFLOP/s bf16, {peak_src})")
+
+# ---- GPU only: the seed 000 recipe (12 x 768 student, 4-bit teacher, seq 256, batch 1 x 32) ----
+if cuda:  # not yet run on a GPU by its author: this task had none
+    try:
+        r_teacher, _, _ = load_teacher(args.recipe_teacher, dtype=amp_dtype, device=device, quantization='4bit')
+    except SystemExit as e:  # announced: the row needs the seed's teacher, which may not be on this machine
+        print(f"seed 000 recipe row skipped: {e}")
+        r_teacher = None
+    if r_teacher is not None:
+        r_head = r_teacher.get_output_embeddings().weight
+        r_student = Indra(IndraConfig(vocab_size=r_head.shape[0], block_size=256, n_layer=12, n_head=12,
+                                      n_embd=768)).to(device)
+        import bitsandbytes as bnb
+        r_opt = bnb.optim.AdamW8bit(r_student.parameters(), lr=1e-4)
+        r_x = torch.randint(1000, (1, 256), device=device)  # ids every vocabulary has; the speed does not depend on them
+        r_crit = DistillationLoss(0.5, 2.0)
+
+        def recipe_step():  # one optimizer step: 32 micro-steps of one sequence
+            for _ in range(32):
+                with torch.no_grad(), amp:
+                    t = Teacher(hidden=teacher_hidden(r_teacher, r_x), head=r_head)
+                with amp:
+                    (r_crit(r_student.hidden_states(r_x), r_student.lm_head.weight, r_x, teacher=t)[0] / 32).backward()
+            r_opt.step()
+            r_opt.zero_grad(set_to_none=True)
+        dt = timed(recipe_step)
+        row("seed 000 recipe step", 'samples/s', f"{32 / dt:.1f}", 'step', ms(dt),
+            f"({r_student.num_params() / 1e6:.0f}M student, {args.recipe_teacher} 4-bit; seed 000 reports 12-13 samples/s)")
 
 print(f"\n| {'what':<34} | {'A':<26} | {'B':<26} | ratio and notes")
 print(f"|{'-' * 36}|{'-' * 28}|{'-' * 28}|{'-' * 20}")
