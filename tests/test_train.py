@@ -108,7 +108,7 @@ def test_seed_recipe_wiring_on_cpu(tmp_path):
     stdout = run('train.py', 'config/indra_agent.py', '--teacher=smollm2-135m-instruct', '--dataset=shakespeare',
                  '--device=cpu', '--teacher_quantization=none', '--max_iters=2', '--gradient_accumulation_steps=2',
                  '--eval_iters=1', f'--out_dir={out}', timeout=1200)
-    assert 'student: 123.' in stdout and '12 blocks' in stdout
+    assert 'student: 122.70M parameters' in stdout and '12 blocks x 7.08M' in stdout  # vocab 49,152 here
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['optimizer'] == 'adamw8bit' and ckpt['iter_num'] == 2
 
