@@ -12,7 +12,7 @@ gradients on the same scale as the hard ones when T changes (Hinton et al. 2015,
 
     crit = DistillationLoss(kd_weight=0.5, temperature=2.0)
     loss, ce, kl = crit(student_hidden, student_head_weight, idx, attention_mask, loss_mask,
-                        teacher=Teacher.hidden(teacher_hidden, teacher_head_weight))
+                        teacher=Teacher(hidden=teacher_hidden, head=teacher_head_weight))
 
 Why hidden states and not logits: the loss runs over tokens x vocabulary values (100M for
 2,048 tokens of a 49,152-token vocabulary, 311M of Qwen's 151,936). As plain autograd ops on

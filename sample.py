@@ -48,10 +48,9 @@ if tokenizer_hash(tokenizer) != ckpt['tokenizer_hash']:
 if args.chat:
     prompt = args.prompt or "Write one line of verse about the sea."
     text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False).input_ids  # the template's special tokens are real tokens
 else:
     text = args.prompt or "ROMEO:\nBut soft, what light"
-    ids = encode(enc, tokenizer, text)
+ids = encode(enc, tokenizer, text)  # the chat template's special tokens become their ids, as in the teacher's tokenizer
 assert len(ids) < model.config.block_size, f"prompt of {len(ids)} tokens does not fit block_size {model.config.block_size}"
 
 x = torch.tensor([ids] * args.num_samples, device=args.device)
