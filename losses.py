@@ -118,7 +118,7 @@ class ChunkedKD(torch.autograd.Function):
     the gradients of h and W are computed in the forward pass and handed over in backward."""
 
     @staticmethod
-    def forward(ctx, h, W, labels, w, a, T, eps, teacher, chunk):
+    def forward(ctx, h, W, labels, w, a, T, eps, teacher, chunk, clamp):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         N, V = h.shape[0], W.shape[0]
         Wc = W.to(h.dtype)  # the head in the autocast dtype, as nn.Linear would use it
@@ -129,6 +129,9 @@ class ChunkedKD(torch.autograd.Function):
         for i in range(0, N, chunk):
             j = min(i + chunk, N)
             s = h[i:j] @ Wc.t()  # (n, V) student logits of this chunk
+            if clamp > 0:  # bounded logits, as Indra.head gives them: c tanh(s / c)
+                z = torch.tanh(s.float() / clamp)
+                s = clamp * z
             if teacher is None:
                 targets = {}
             elif tW is not None:
@@ -138,6 +141,8 @@ class ChunkedKD(torch.autograd.Function):
             ce_c, kl_c, g = kd_rows(s, labels[i:j], w[i:j], a, T, eps, **targets, need_grad=need_grad)
             ce[i:j], kl[i:j] = ce_c, kl_c
             if need_grad:
+                if clamp > 0:
+                    g.mul_(1 - z * z)  # d(c tanh(s / c))/ds
                 g = g.to(h.dtype)
                 gh[i:j] = g @ Wc  # (n, C)
                 gW += (g.t() @ h[i:j]).float()  # (V, C)
@@ -151,17 +156,18 @@ class ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_kl):
         gh, gW = ctx.saved_tensors
-        return gh * grad_loss.to(gh.dtype), (gW * grad_loss).to(ctx.head_dtype), None, None, None, None, None, None, None
+        return (gh * grad_loss.to(gh.dtype), (gW * grad_loss).to(ctx.head_dtype)) + (None,) * 8
 
 
 class DistillationLoss(nn.Module):
 
-    def __init__(self, kd_weight=0.5, temperature=2.0, label_smoothing=0.0, chunk_tokens=1024):
+    def __init__(self, kd_weight=0.5, temperature=2.0, label_smoothing=0.0, chunk_tokens=1024, logit_clamp=0.0):
         super().__init__()
         assert 0.0 <= kd_weight <= 1.0, f"kd_weight={kd_weight} must be in [0, 1]"
         assert temperature > 0, f"temperature={temperature} must be > 0"
         self.kd_weight, self.temperature, self.label_smoothing = kd_weight, temperature, label_smoothing
         self.chunk_tokens = chunk_tokens  # tokens per pass through the heads: bounds the (tokens, V) memory
+        self.logit_clamp = logit_clamp  # > 0: the student's logits are c tanh(logits / c), as in Indra.head
 
     def forward(self, hidden, head, idx, attention_mask=None, loss_mask=None, teacher=None):
         """hidden (B, T, C) the student's final hidden states; head (V, C) its output head weight;
@@ -177,4 +183,4 @@ class DistillationLoss(nn.Module):
         labels = torch.cat([idx[:, 1:], idx[:, :1]], dim=1).view(-1)[keep]  # position t predicts token t+1
         teacher = None if teacher is None or self.kd_weight == 0 else teacher.rows(keep)
         return ChunkedKD.apply(hidden.reshape(B * T, C)[keep], head, labels, w, self.kd_weight, self.temperature,
-                               self.label_smoothing, teacher, self.chunk_tokens)
+                               self.label_smoothing, teacher, self.chunk_tokens, self.logit_clamp)

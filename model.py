@@ -11,7 +11,9 @@ the teacher's logit width, so teacher and student logits align token for token.
     logits, loss = model(idx, attention_mask=mask, targets=targets)
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,7 @@ class IndraConfig:
     attn_impl: str = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls)
     rope_base: float = 10000.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
+    logit_clamp: float = 0.0  # > 0: logits pass through c * tanh(logits / c), bounded in (-c, c) (seed 002 used 30)
 
 
 class MLP(nn.Module):
@@ -100,11 +103,17 @@ class Indra(nn.Module):
         ignored), for plain language-model training. Distillation uses losses.DistillationLoss.
         Returns logits (B, T, vocab) and the mean cross-entropy (or None).
         """
-        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        logits = self.head(self.hidden_states(idx, attention_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def head(self, h):
+        """Logits from hidden states, bounded when logit_clamp is set (losses.py applies the same bound)."""
+        logits = self.lm_head(h)
+        c = self.config.logit_clamp
+        return c * torch.tanh(logits / c) if c > 0 else logits
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
@@ -126,7 +135,7 @@ class Indra(nn.Module):
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size:]
             mask = None if attention_mask is None else attention_mask[:, -self.config.block_size:]
-            logits = self.lm_head(self.hidden_states(window, mask)[:, -1, :]).float()  # (B, V)
+            logits = self.head(self.hidden_states(window, mask)[:, -1, :]).float()  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -154,3 +163,82 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float('-inf')))
     return logits
+
+
+class EMA:
+    """An exponential moving average of the student's weights, in fp32, updated after every optimizer step:
+        shadow = d * shadow + (1 - d) * weights,  d = min(decay, (1 + n) / (10 + n)) at update n
+    The ramp on d (as in TensorFlow's ExponentialMovingAverage with num_updates) keeps a short run from
+    averaging in its random initialization: with d = 0.999 fixed, 82% of the average after 200 steps is still
+    the init. Seed 002 crashed evaluating an EMA whose tensors no longer matched the model; load_state_dict
+    checks every name, shape and dtype and names the first that does not fit."""
+
+    def __init__(self, model, decay):
+        assert 0.0 < decay < 1.0, f"ema_decay={decay} must be in (0, 1)"
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.float(), 1.0 - d)
+        self.updates += 1
+
+    def state_dict(self):
+        return {'decay': self.decay, 'updates': self.updates, 'shadow': self.shadow}
+
+    def load_state_dict(self, state, where='the checkpoint'):
+        """Take a saved EMA, onto this model's device; any mismatch is an error naming the parameter."""
+        saved = state['shadow']
+        for k, mine in self.shadow.items():
+            if k not in saved:
+                raise ValueError(f"EMA in {where} has no {k}; it was saved for another model")
+            if saved[k].shape != mine.shape:
+                raise ValueError(f"EMA in {where}: {k} has shape {tuple(saved[k].shape)}, "
+                                 f"the model's is {tuple(mine.shape)}")
+            if saved[k].dtype != torch.float32:
+                raise ValueError(f"EMA in {where}: {k} is {saved[k].dtype}, expected torch.float32")
+        extra = sorted(set(saved) - set(self.shadow))
+        if extra:
+            raise ValueError(f"EMA in {where} has {extra[0]}, which the model does not; it was saved for another model")
+        self.shadow = {k: saved[k].to(mine.device) for k, mine in self.shadow.items()}
+        self.updates = state['updates']
+
+    @contextmanager
+    def applied(self, model):
+        """Inside the block the model holds the EMA weights; its own come back afterwards."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict({**model.state_dict(), **self.shadow})
+        try:
+            yield model
+        finally:
+            model.load_state_dict({**model.state_dict(), **own})
+
+
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, loaded with weights_only=True (tensors and plain containers only, so a
+    file carrying pickled code is refused). Every way it can be unreadable is one SystemExit line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"indra: checkpoint {path} not found; train one with python train.py config/shakespeare.py "
+                         f"or pass the path of a best.pt / ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF, key errors): each becomes one line
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        found = [l.split('Unsupported global: ')[1].split(' was ')[0] for l in lines if 'Unsupported global: ' in l]
+        if found:  # weights_only met a Python object that is not a tensor or a plain container
+            raise SystemExit(f"indra: refusing {path}: it carries pickled Python objects that a safe load does not "
+                             f"allow ({found[0][:120]}); only checkpoints written by train.py are accepted") from None
+        raise SystemExit(f"indra: {path} cannot be read ({type(e).__name__}: {lines[0].split('. ')[0][:120]}); it is truncated "
+                         f"or not a checkpoint: use another, e.g. the best.pt or ckpt.pt beside it") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"indra: {path} is not a train.py checkpoint (no {', '.join(missing)}); "
+                         f"pass a best.pt or ckpt.pt written by train.py")
+    return ckpt

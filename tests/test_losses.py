@@ -181,3 +181,23 @@ def test_sparse_kl_and_gradient_equal_the_bucketed_formula():
     loss.backward()
     assert kl.item() == pytest.approx(want_kl.mean().item(), rel=1e-5)
     assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+
+
+def test_logit_clamp_equals_autograd_through_the_bound():
+    """logit_clamp=c: the loss sees c tanh(s / c) (Indra.head applies the same), values and gradients as plain
+    autograd; the bound keeps a gradient where a hard clamp(-c, c) would give none."""
+    h, W, th, tW, idx = data(B=2, L=9, V=300, C=16, Ct=12)
+    h = 4 * h  # logits of +-30 and beyond: the bound matters
+    h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    h2, W2 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, _, _ = DistillationLoss(0.5, 2.0, chunk_tokens=5, logit_clamp=10.0)(h1, W1, idx, teacher=Teacher(th, tW))
+    s = h2 @ W2.T
+    assert s.abs().max() > 30
+    want = plain_autograd(10.0 * torch.tanh(s / 10.0), th @ tW.T, idx, None, None, 0.5, 2.0, 0.0)
+    loss.backward()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for a, b in ((h1.grad, h2.grad), (W1.grad, W2.grad)):
+        assert torch.allclose(a, b, atol=1e-5 * b.abs().max()), (a - b).abs().max()
+    unclamped, _, _ = DistillationLoss(0.5, 2.0)(h, W, idx, teacher=Teacher(th, tW))
+    assert abs(unclamped.item() - loss.item()) > 1.0  # the switch changes the loss: the test above is not vacuous

@@ -1,8 +1,9 @@
 """The student: tied weights, kernels equal at model level, checkpointing, generate, sampling filters.
 Run: python -m pytest tests/test_model.py"""
+import pytest
 import torch
 
-from model import Indra, IndraConfig, filter_logits
+from model import EMA, Indra, IndraConfig, filter_logits, load_checkpoint
 
 
 def tiny(**kw):
@@ -78,3 +79,62 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(filter_logits(logits, top_p=0.96)).tolist() == [[True, True, True, True]]
+
+
+def test_logit_clamp_bounds_the_head():
+    m = tiny(logit_clamp=0.5)
+    logits, _ = m(torch.randint(97, (2, 8)))
+    assert logits.abs().max() < 0.5
+    m.config.logit_clamp = 0.0
+    assert m(torch.randint(97, (2, 8)))[0].abs().max() > 0.5
+
+
+def test_ema_ramps_averages_and_swaps_back():
+    m = tiny()
+    ema = EMA(m, decay=0.999)
+    w0 = m.wte.weight.detach().clone()
+    with torch.no_grad():
+        m.wte.weight.add_(1.0)
+    ema.update(m)  # update 0: d = min(0.999, 1/10): the shadow moves 90% of the way
+    assert torch.allclose(ema.shadow['wte.weight'], w0 + 0.9)
+    with ema.applied(m):
+        assert torch.allclose(m.wte.weight, w0 + 0.9)
+    assert torch.allclose(m.wte.weight, w0 + 1.0)  # the model's own weights are back
+
+
+def test_ema_load_names_the_mismatching_parameter():
+    """Seed 002 crashed at eval on an EMA that no longer fit the model: here loading says which tensor."""
+    m = tiny()
+    state = EMA(m, 0.99).state_dict()
+    EMA(m, 0.99).load_state_dict(state)  # fits
+    wrong = {**state, 'shadow': {**state['shadow'], 'blocks.1.mlp.fc.weight': torch.zeros(3, 3)}}
+    with pytest.raises(ValueError, match=r'blocks\.1\.mlp\.fc\.weight has shape \(3, 3\), the model.s is \(128, 32\)'):
+        EMA(m, 0.99).load_state_dict(wrong, 'ckpt.pt')
+    half = {**state, 'shadow': {**state['shadow'], 'norm_f.weight': torch.ones(32, dtype=torch.float16)}}
+    with pytest.raises(ValueError, match='norm_f.weight is torch.float16'):
+        EMA(m, 0.99).load_state_dict(half)
+    with pytest.raises(ValueError, match='has no wte.weight'):
+        EMA(m, 0.99).load_state_dict({**state, 'shadow': {k: v for k, v in state['shadow'].items() if k != 'wte.weight'}})
+
+
+@pytest.mark.parametrize('content,words', [
+    (lambda good: good[:len(good) // 2], 'cannot be read'),  # truncated
+    (lambda good: b'', 'cannot be read'),
+    (lambda good: b'not a checkpoint at all' * 4, 'cannot be read'),
+    (None, 'refusing'),  # pickled code
+    ('plain', 'not a train.py checkpoint'),  # a bare state dict
+])
+def test_unreadable_checkpoints_are_one_clear_line(tmp_path, content, words):
+    good = tmp_path / 'good.pt'
+    torch.save({'model': tiny().state_dict(), 'model_args': {}, 'config': {}, 'iter_num': 0}, good)
+    assert load_checkpoint(good)['iter_num'] == 0
+    bad = tmp_path / 'bad.pt'
+    if content is None:
+        torch.save({'model': {}, 'model_args': {}, 'config': {}, 'iter_num': print}, bad)
+    elif content == 'plain':
+        torch.save(tiny().state_dict(), bad)
+    else:
+        bad.write_bytes(content(good.read_bytes()))
+    with pytest.raises(SystemExit, match=words) as e:
+        load_checkpoint(bad)
+    assert str(bad) in str(e.value) and '\n' not in str(e.value)
