@@ -11,27 +11,32 @@ Override any global below, then resume an interrupted run:
 
 One optimizer step = batch_size x block_size tokens per micro-step x gradient_accumulation_steps.
 The loss is (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher_T || student_T), see losses.py.
-Everything is logged to out_dir/log.jsonl; out_dir/ckpt.pt is the latest state, best.pt the best val CE.
+Every step is a record in out_dir/log.jsonl, drawn into out_dir/training.png at each evaluation (plot.py);
+out_dir/ckpt.pt is the latest state, best.pt the best val CE. Ctrl-C (SIGINT) or SIGTERM finishes the
+current step, writes ckpt.pt and says how to resume.
 """
 import importlib.util
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from configurator import configure
 from losses import DistillationLoss, Teacher
-from model import Indra, IndraConfig
-from teacher import build_targets, check_linear_head, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash
+from model import EMA, Indra, IndraConfig, load_checkpoint
+from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
+                     teacher_flops_per_token)
+from teacher import (build_targets, check_linear_head, encode, load_teacher, teacher_hidden, teacher_slug,
+                     tokenizer_hash)
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -42,12 +47,21 @@ overwrite = False  # allow a fresh run in an out_dir that already holds a checkp
 eval_interval = 50  # optimizer steps between held-out evaluations (and checkpoints)
 eval_iters = 10  # held-out batches per evaluation (the same batches every time)
 log_interval = 10  # optimizer steps between printed log lines (every step goes to log.jsonl)
+plot = True  # redraw out_dir/training.png (plot.py) at every evaluation
+watch_tokens = 32  # at every evaluation, sample this many tokens from fixed prompts and check them for mode collapse (seed 001); 0 = off
+wandb_log = False  # also log to Weights & Biases (pip install wandb; seed 001)
+wandb_project = 'indra'
+wandb_run_name = ''  # '' = let wandb name the run
+wandb_mode = 'online'  # 'online' | 'offline' (no network; wandb sync later) | 'disabled'
+aim_log = False  # also log to Aim (pip install aim; seed 003)
+aim_repo = ''  # Aim repository; '' = out_dir
 # data
 dataset = 'shakespeare'  # data/<dataset>/prepare.py makes the token files
 data_dir = ''  # token files; '' = data/<dataset>/<teacher slug>/, prepared on first use
 batch_size = 8  # sequences per micro-step
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 4  # micro-steps per optimizer step
+total_batch_size = 0  # tokens per optimizer step; 0 = the three above multiplied, else it sets gradient_accumulation_steps
 # teacher
 teacher = 'smollm2-135m-instruct'  # embedded name | local model dir | path/to/model.gguf | hub id
 teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA only)
@@ -62,8 +76,13 @@ attn_impl = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls, seed 000)
 gradient_checkpointing = False  # recompute activations in backward: less memory, slower
 # distillation
 kd_weight = 0.5  # share of the KD term; 0 = plain cross-entropy on the same tokens
+kd_warmup_frac = 0.0  # > 0: kd_weight ramps linearly from kd_weight_start over this share of max_iters (seed 004: 20%)
+kd_weight_start = 0.1  # the KD weight at step 0 of the warmup (seed 004: 0.1 -> 0.7)
 temperature = 2.0  # softens both distributions in the KD term
+temperature_start = 0.0  # > 0: the temperature falls linearly from this to temperature_end over max_iters (seed 003)
+temperature_end = 1.0
 label_smoothing = 0.0  # for the CE part (seed 002 used 0.1)
+logit_clamp = 0.0  # > 0: the student's logits are bounded to (-c, c) by c * tanh(logits / c) (seed 002 used 30)
 loss_chunk_tokens = 1024  # tokens per pass through the vocabulary-wide heads (bounds the loss's memory)
 # optimizer
 optimizer = 'adamw'  # 'adamw' (torch) | 'adamw8bit' (bitsandbytes, CPU and CUDA)
@@ -73,6 +92,9 @@ weight_decay = 0.1  # on matrices and embeddings only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global grad norm to this; 0 = off
+lr_multipliers = {}  # {parameter-name pattern (fnmatch): LR multiplier}, e.g. {'blocks.0.*': 0.5}; the rest get 1
+ema_decay = 0.0  # > 0: keep an EMA of the weights (e.g. 0.999), evaluated beside them and saved (seed 002)
+max_skipped_steps = 10  # optimizer steps in a row skipped for a non-finite loss or gradient before the run stops
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 20
@@ -87,7 +109,7 @@ dtype = 'bfloat16'  # 'bfloat16' | 'float16' (CUDA only, with GradScaler) | 'flo
 compile = False  # torch.compile the student (needs a C/C++ compiler on CPU; compiles for a minute first)
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str, dict)]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}
 
@@ -111,17 +133,44 @@ if teacher_targets not in ('live', 'cache'):
 if optimizer not in ('adamw', 'adamw8bit'):
     fail(f"--optimizer={optimizer!r}: choose adamw or adamw8bit")
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval',
-             'eval_iters', 'log_interval'):
+             'eval_iters', 'log_interval', 'max_skipped_steps'):
     if config[name] <= 0:
         fail(f"--{name}={config[name]} must be a positive integer")
+if total_batch_size:  # stated in tokens (STYLE 6): the accumulation follows from it
+    if total_batch_size < 0 or total_batch_size % (batch_size * block_size):
+        fail(f"--total_batch_size={total_batch_size} must be a positive multiple of batch_size x block_size = "
+             f"{batch_size * block_size} tokens, e.g. {4 * batch_size * block_size}")
+    gradient_accumulation_steps = config['gradient_accumulation_steps'] = total_batch_size // (batch_size * block_size)
 if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
     fail(f"learning_rate={learning_rate} must be > 0 and min_lr={min_lr} in [0, learning_rate]")
+for name in ('kd_weight', 'kd_weight_start', 'kd_warmup_frac', 'label_smoothing'):
+    if not 0.0 <= config[name] <= 1.0:
+        fail(f"--{name}={config[name]} must be in [0, 1]")
+if temperature <= 0 or temperature_start < 0 or (temperature_start and temperature_end <= 0):
+    fail(f"temperatures must be > 0: temperature={temperature}, temperature_start={temperature_start} (0 = off), "
+         f"temperature_end={temperature_end}")
+if teacher_targets == 'cache' and temperature_start:
+    fail("the teacher-targets cache holds the teacher at one temperature; a temperature schedule "
+         "(--temperature_start) needs --teacher_targets=live")
+if not 0.0 <= ema_decay < 1.0:
+    fail(f"--ema_decay={ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
+if logit_clamp < 0:
+    fail(f"--logit_clamp={logit_clamp} must be >= 0 (0 = off; seed 002 used 30)")
+for pattern, mult in lr_multipliers.items():
+    if not isinstance(pattern, str) or type(mult) not in (int, float) or mult < 0:
+        fail(f"lr_multipliers maps name patterns to multipliers >= 0, e.g. {{'blocks.0.*': 0.5}}; "
+             f"got {pattern!r}: {mult!r}")
+if wandb_log:  # optional loggers: checked now, before anything slow
+    require('wandb', 'wandb_log')
+if aim_log:
+    require('aim', 'aim_log')
 out_path = Path(out_dir)
 if init_from == 'scratch' and (out_path / 'ckpt.pt').exists() and not overwrite:
     fail(f"{out_path / 'ckpt.pt'} exists; continue it with --init_from=resume, "
          f"or start over with another --out_dir or --overwrite=True")
 if init_from == 'resume' and not (out_path / 'ckpt.pt').exists():
     fail(f"--init_from=resume but {out_path / 'ckpt.pt'} does not exist; train from scratch first")
+checkpoint = load_checkpoint(out_path / 'ckpt.pt') if init_from == 'resume' else None  # readable? fail now, not later
 
 torch.manual_seed(seed)
 random.seed(seed)
@@ -136,7 +185,7 @@ print(f"tokens per optimizer step: {tokens_per_iter:,} = {gradient_accumulation_
 
 # ---- teacher and data --------------------------------------------------------
 t0 = time.time()
-teacher_model, tokenizer, _ = load_teacher(teacher, dtype=ptdtype, device=device, quantization=teacher_quantization)
+teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device, quantization=teacher_quantization)
 teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]  # the logit width, may exceed len(tokenizer)
 print(f"teacher {teacher}: {sum(p.numel() for p in teacher_model.parameters()) / 1e6:.1f}M parameters, "
       f"{teacher_vocab} logits, loaded in {time.time() - t0:.1f}s")
@@ -194,10 +243,9 @@ def get_batch(split, generator):
 
 # ---- student, optimizer, resume ---------------------------------------------
 model_args = dict(vocab_size=teacher_vocab, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                  dropout=dropout, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
-checkpoint = None
-if init_from == 'resume':
-    checkpoint = torch.load(out_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+                  dropout=dropout, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
+                  logit_clamp=logit_clamp)
+if checkpoint is not None:
     shape_keys = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd')
     differ = [k for k in shape_keys if checkpoint['model_args'][k] != model_args[k]]
     if differ:
@@ -207,11 +255,33 @@ if init_from == 'resume':
 model = Indra(IndraConfig(**model_args)).to(device)
 print(model.param_report())
 
-# Weight decay on matrices and embeddings, none on norm gains: every parameter in exactly one group.
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-assert len(decay) + len(no_decay) == len(list(model.parameters()))
-groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+def param_groups():
+    """One group per (LR multiplier, weight decay): decay on matrices and embeddings, none on norm gains;
+    lr_multipliers scale the LR of the parameters whose names match a pattern (seed 004 gave a projector 5x)."""
+    named = list(model.named_parameters())  # the tied head is the embedding: listed once, as wte.weight
+    for pattern in lr_multipliers:
+        if not any(fnmatch(name, pattern) for name, _ in named):
+            fail(f"lr_multipliers pattern {pattern!r} matches no parameter; names look like "
+                 f"{', '.join(name for name, _ in named[:4])}")
+    groups = {}
+    for name, p in named:
+        hits = [pattern for pattern in lr_multipliers if fnmatch(name, pattern)]
+        if len(hits) > 1:
+            fail(f"parameter {name} matches lr_multipliers patterns {hits[0]!r} and {hits[1]!r}; make them disjoint")
+        mult = float(lr_multipliers[hits[0]]) if hits else 1.0
+        group = groups.setdefault((mult, p.dim() >= 2), {'params': [], 'names': [], 'lr_mult': mult,
+                                                         'weight_decay': weight_decay if p.dim() >= 2 else 0.0})
+        group['params'].append(p)
+        group['names'].append(name)
+    assert sum(len(g['params']) for g in groups.values()) == len(named)  # every parameter in exactly one group
+    for g in groups.values():
+        print(f"optimizer group: lr x{g['lr_mult']:g}, weight decay {g['weight_decay']:g}: {len(g['params'])} tensors, "
+              f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters ({', '.join(g.pop('names')[:3])}, ...)")
+    return list(groups.values())
+
+
+groups = param_groups()
 if optimizer == 'adamw8bit':
     import bitsandbytes as bnb  # 8-bit states (seed 000); bitsandbytes >= 0.45 runs them on CPU too
     opt = bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=(beta1, beta2))
@@ -220,12 +290,22 @@ else:
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling needed
 data_gen = torch.Generator().manual_seed(seed)  # the training batch order, saved for exact resume
 
-iter_num, best_val, bad_evals = 0, float('inf'), 0
+ema = EMA(model, ema_decay) if ema_decay else None
+
+iter_num, best_val, bad_evals, skipped_total, evaluated = 0, float('inf'), 0, 0, False
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
     opt.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
+    if ema is not None and checkpoint.get('ema') is None:
+        fail(f"{out_path / 'ckpt.pt'} has no EMA (it was trained with ema_decay=0); resume with --ema_decay=0")
+    if ema is not None:
+        try:
+            ema.load_state_dict(checkpoint['ema'], out_path / 'ckpt.pt')
+        except ValueError as e:
+            fail(str(e))
     iter_num, best_val, bad_evals = checkpoint['iter_num'], checkpoint['best_val'], checkpoint['bad_evals']
+    skipped_total, evaluated = checkpoint['skipped_total'], checkpoint['evaluated']
     rng = checkpoint['rng']
     data_gen.set_state(rng['data'])
     torch.set_rng_state(rng['torch'])
@@ -236,9 +316,9 @@ if checkpoint is not None:
     print(f"resumed from {out_path / 'ckpt.pt'} at step {iter_num} (best val CE {best_val:.4f})")
     checkpoint = None  # free it
 
-criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens)
-eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens)  # the real KL, T = 1
-eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)
+criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp)
+eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens, logit_clamp=logit_clamp)
+eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)  # for the teacher: no clamp
 hidden_states = model.hidden_states  # (B, T) ids -> (B, T, C); the loss applies the tied head itself
 if compile:
     try:  # compile now, on a real batch, so that the first timed step is not the compilation
@@ -264,6 +344,20 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def get_kd_weight(it):
+    """Seed 004: a KD term at full weight from step 0 drowned the run (KL 9.4 from a random projector);
+    ramping it in from kd_weight_start lets the student and any projector settle first."""
+    ramp = kd_warmup_frac * max_iters
+    return kd_weight if it >= ramp else kd_weight_start + (kd_weight - kd_weight_start) * it / ramp
+
+
+def get_temperature(it):
+    """Seed 003's dynamic temperature: soft targets early (more of the teacher's dark knowledge), sharp late."""
+    if not temperature_start:
+        return temperature
+    return temperature_start + (temperature_end - temperature_start) * min(1.0, it / max_iters)
+
+
 def teacher_targets(x):
     with torch.no_grad(), autocast:
         return Teacher(hidden=teacher_hidden(teacher_model, x), head=teacher_head)
@@ -287,8 +381,37 @@ def evaluate():
     return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce, 'teacher_val_ppl': math.exp(t_ce)}
 
 
-def save(path):
-    """Write atomically: a reader (or a crash) never sees half a checkpoint."""
+# Fixed prompts for the mode-collapse watch: seed 001's test questions for chat data, a line of verse otherwise.
+WATCH_PROMPTS = {'chat': ['If a store has 15 apples and sells 7, how many are left?', 'What is 25 + 17?',
+                          'The capital of France is Paris. What is the capital of France?'],
+                 'text': ['ROMEO:\nBut soft, what light through yonder window breaks?\n']}
+
+
+@torch.no_grad()
+def watch():
+    """Sample watch_tokens from each fixed prompt (a fixed seed, temperature 1, no filtering: the distribution
+    as it is) and measure the repetition in what came out. Seed 001's collapsed runs answered every question
+    with colons or 'did did did'; this is the check it ran by hand, at every evaluation."""
+    chat = meta.get('chat', False)
+    results = []
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # training's RNG is untouched
+        torch.manual_seed(seed)
+        for prompt in WATCH_PROMPTS['chat' if chat else 'text']:
+            text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False,
+                                                 add_generation_prompt=True) if chat else prompt
+            ids = encode(tokenizer_enc, tokenizer, text)[-(block_size // 2):]
+            with autocast:
+                out = model.generate(torch.tensor([ids], device=device), watch_tokens, temperature=1.0)
+            new = out[0, len(ids):].tolist()
+            results.append({'prompt': prompt, 'sample': tokenizer.decode(new), **repetition(new)})
+    model.train()
+    return results
+
+
+def save(path, evaluated):
+    """Write atomically: a reader (or a crash) never sees half a checkpoint. evaluated: whether the evaluation
+    at iter_num is done (a resume then skips it)."""
     numpy_state = np.random.get_state()
     rng = {'data': data_gen.get_state(), 'torch': torch.get_rng_state(),
            'python': list(random.getstate()), 'numpy': torch.from_numpy(numpy_state[1].copy()),
@@ -296,54 +419,114 @@ def save(path):
     if device_type == 'cuda':
         rng['cuda'] = torch.cuda.get_rng_state_all()
     state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
-             'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val': best_val,
-             'bad_evals': bad_evals, 'rng': rng,
-             'tokenizer_hash': tokenizer_hash(tokenizer), 'eos_id': meta['eos_id']}
+             'ema': None if ema is None else ema.state_dict(), 'model_args': model_args, 'config': config,
+             'iter_num': iter_num, 'evaluated': evaluated, 'best_val': best_val, 'bad_evals': bad_evals,
+             'skipped_total': skipped_total, 'rng': rng, 'tokenizer_hash': tokenizer_hash(tokenizer),
+             'eos_id': meta['eos_id']}
     tmp = path.with_suffix('.tmp')
     with open(tmp, 'wb') as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut only once the directory is synced
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def memory():
-    if device_type == 'cuda':  # seed 002: the device's real use, not allocated / reserved
-        free, total = torch.cuda.mem_get_info()
-        return f"gpu {(total - free) / 2**30:.1f}/{total / 2**30:.1f} GiB"
-    return f"rss {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
+def trim_log():
+    """On resume, keep only the records the checkpoint has lived through (a run killed after its last checkpoint
+    logged steps that will run again) and drop a line cut short by the kill."""
+    path = out_path / 'log.jsonl'
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r['iter'] < iter_num or (r['iter'] == iter_num and 'val_ce' in r and evaluated):
+            kept.append(line + '\n')
+    path.with_suffix('.tmp').write_text(''.join(kept))
+    os.replace(path.with_suffix('.tmp'), path)
 
 
-def log(record, line=None):
-    with open(out_path / 'log.jsonl', 'a') as f:
-        f.write(json.dumps(record) + '\n')
-    if line:
-        print(line, flush=True)
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    """SIGINT / SIGTERM: finish the optimizer step, save, exit 0. A second one stops at once, without saving."""
+    global stop_signal
+    if stop_signal is not None:
+        raise KeyboardInterrupt
+    stop_signal = signal.Signals(signum).name
+    print(f"\n{stop_signal}: finishing this step, then writing {out_path / 'ckpt.pt'} (send it again to stop "
+          f"at once, without saving)", flush=True)
 
 
 # ---- the loop ---------------------------------------------------------------
+student_flops = student_flops_per_token(model, block_size)
+teacher_flops = teacher_flops_per_token(teacher_model, block_size) if teacher_targets == 'live' else 0
+peak, peak_src = peak_flops(device, ptdtype)
+print(f"FLOPs per token: student {student_flops / 1e6:.1f}M (fwd+bwd) + teacher {teacher_flops / 1e6:.1f}M (fwd); "
+      f"MFU against {'%.2f TFLOP/s' % (peak / 1e12) if peak else 'no peak'}: {peak_src}")
+
 out_path.mkdir(parents=True, exist_ok=True)
 (out_path / 'config.json').write_text(json.dumps(config, indent=2))
 if init_from == 'scratch':
     (out_path / 'log.jsonl').unlink(missing_ok=True)
-skip_eval_at = iter_num if init_from == 'resume' else -1  # the checkpoint was written right after that eval
+    (out_path / 'training.png').unlink(missing_ok=True)
+else:
+    trim_log()
+records = Records(out_path, config, resume=init_from == 'resume', wandb_log=wandb_log, wandb_project=wandb_project,
+                  wandb_run_name=wandb_run_name, wandb_mode=wandb_mode, aim_log=aim_log, aim_repo=aim_repo)
+if plot:
+    from plot import draw
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+skipped_in_a_row = 0
 model.train()
 while True:
     lr = get_lr(iter_num)
     for group in opt.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_mult']
+    criterion.kd_weight, criterion.temperature = get_kd_weight(iter_num), get_temperature(iter_num)
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != skip_eval_at:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not evaluated:
         stats = evaluate()
+        if not math.isfinite(stats['val_ce']):
+            fail(f"step {iter_num}: held-out CE is {stats['val_ce']}; the weights are broken, so nothing was saved: "
+                 f"{out_path / 'ckpt.pt'} holds the last good state (resume it with a lower --learning_rate)")
+        line = (f"step {iter_num}: val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to teacher "
+                f"{stats['val_kl']:.4f}, teacher CE {stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
+        if ema is not None:
+            with ema.applied(model):
+                ema_stats = evaluate()
+            stats.update({f'ema_{k}': ema_stats[k] for k in ('val_ce', 'val_kl')})
+            line += f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}"
         improved = stats['val_ce'] < best_val - min_delta
         best_val, bad_evals = (stats['val_ce'], 0) if improved else (best_val, bad_evals + 1)
-        log({'iter': iter_num, **stats},
-            f"step {iter_num}: val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), "
-            f"KL to teacher {stats['val_kl']:.4f}, teacher CE {stats['teacher_val_ce']:.4f} "
-            f"(ppl {stats['teacher_val_ppl']:.1f}){'  *best*' if improved else ''}")
+        if watch_tokens:
+            samples = watch()
+            stats['watch'] = samples
+            stats['watch_distinct_2'] = min(r['distinct_2'] for r in samples)
+            stats['watch_top_share'] = max(r['top_share'] for r in samples)
+        records.log({'iter': iter_num, **stats})
+        print(line + ('  *best*' if improved else ''), flush=True)
+        for r in stats.get('watch', []):
+            print(f"  watch: {r['sample'][:100]!r} (distinct-2 {r['distinct_2']:.2f}, top token {r['top_share']:.0%})")
+            if collapsed(r):
+                print(f"  !!! MODE COLLAPSE? the student answers {r['prompt'][:40]!r} with {r['sample'][:60]!r}: "
+                      f"{r['distinct_2']:.0%} distinct bigrams, one token is {r['top_share']:.0%} of it (seed 001). "
+                      f"Check the KL in training.png; lower learning_rate or raise kd_weight", flush=True)
         if improved:
-            save(out_path / 'best.pt')
-        save(out_path / 'ckpt.pt')
+            save(out_path / 'best.pt', evaluated=True)
+        save(out_path / 'ckpt.pt', evaluated=True)
+        if plot:
+            draw(out_path)
         if patience and bad_evals >= patience:
             print(f"early stop: val CE has not improved by more than {min_delta} for {patience} evaluations")
             break
@@ -356,7 +539,7 @@ while True:
     parts = torch.zeros(3)
     for micro_step in range(gradient_accumulation_steps):
         x, t = get_batch('train', data_gen)
-        if t is None and kd_weight > 0:
+        if t is None and criterion.kd_weight > 0:
             t = teacher_targets(x)
         with autocast:
             loss, ce, kl = criterion(hidden_states(x), model.lm_head.weight, x, teacher=t)
@@ -364,19 +547,53 @@ while True:
         parts += torch.stack([loss.detach().float().cpu(), ce.float().cpu(), kl.float().cpu()])
     scaler.unscale_(opt)  # true gradients (a no-op unless float16), for clipping and the logged norm
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
-    scaler.step(opt)
-    scaler.update()
+    loss, ce, kl = (parts / gradient_accumulation_steps).tolist()
+    # A non-finite loss or gradient skips the step: the weights, the optimizer and the EMA stay as they were.
+    # Never zero a NaN loss and go on (seed 002's clamp-to-zero hid the bug it was meant to fix).
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        scaler.step(opt)
+        if ema is not None:
+            ema.update(model)
+        skipped_in_a_row = 0
+    else:
+        skipped_total += 1
+        skipped_in_a_row += 1
+    scaler.update()  # float16: a non-finite gradient lowers the scale, as the scaler would have done itself
     opt.zero_grad(set_to_none=True)
     if device_type == 'cuda':
         torch.cuda.synchronize()
     dt = time.perf_counter() - t_start
 
-    loss, ce, kl = (parts / gradient_accumulation_steps).tolist()
-    record = {'iter': iter_num, 'loss': loss, 'ce': ce, 'kl': kl, 'lr': lr, 'grad_norm': grad_norm,
-              'dt': dt, 'tokens_per_s': tokens_per_iter / dt}
-    log(record, f"iter {iter_num}: loss {loss:.4f} (ce {ce:.4f}, kl {kl:.4f}), lr {lr:.2e}, "
-                f"grad norm {grad_norm:.2f}, {dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, {memory()}"
-        if iter_num % log_interval == 0 else None)
+    tok_s = tokens_per_iter / dt
+    mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / peak if peak else None
+    mem = memory(device_type)
+    record = {'iter': iter_num, 'loss': loss, 'ce': ce, 'kl': kl, 'kd_weight': criterion.kd_weight,
+              'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),
+              'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': tokens_per_iter / block_size / dt,
+              'tokens_per_s': tok_s, 'mfu': mfu, **mem}
+    records.log(record)
+    if not finite:
+        print(f"iter {iter_num}: SKIPPED, loss {loss}, grad norm {grad_norm}: not finite ({skipped_in_a_row} in a row, "
+              f"{skipped_total} in all); weights, optimizer and EMA unchanged", flush=True)
+        if skipped_in_a_row >= max_skipped_steps:
+            records.close()
+            fail(f"{skipped_in_a_row} steps in a row (up to step {iter_num}) had a non-finite loss or gradient; "
+                 f"stopped. {out_path / 'ckpt.pt'} holds the last good state: resume it with a lower "
+                 f"--learning_rate, --logit_clamp=30 or --grad_clip=1, or check the data")
+    elif iter_num % log_interval == 0:
+        print(f"iter {iter_num}: loss {loss:.4f} (ce {ce:.4f}, kl {kl:.4f}, kd {criterion.kd_weight:.2f}, "
+              f"T {criterion.temperature:.2f}) | lr {lr:.2e}, grad norm {grad_norm:.2f} | {dt * 1000:.0f} ms, "
+              f"{record['samples_per_s']:.1f} samples/s, {tok_s:,.0f} tok/s, MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}"
+              f" | {memory_text(mem)}", flush=True)
     iter_num += 1
+    evaluated = False
+    if stop_signal:
+        save(out_path / 'ckpt.pt', evaluated=False)
+        records.close()
+        print(f"stopped by {stop_signal} after step {iter_num - 1}: {out_path / 'ckpt.pt'} holds everything; resume with\n"
+              f"  python train.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--init_from='))} --init_from=resume")
+        sys.exit(0)
 
+records.close()
 print(f"done: best val CE {best_val:.4f}; checkpoints in {out_path}/ (sample with: python sample.py --ckpt {out_path / 'best.pt'})")
