@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model import Indra, IndraConfig
+from model import Indra, IndraConfig, load_checkpoint
 from teacher import encode, load_tokenizer, tokenizer_hash
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,16 +26,18 @@ parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
 parser.add_argument('--top_k', type=int, default=50, help='0 = off')
 parser.add_argument('--top_p', type=float, default=1.0, help='1.0 = off')
 parser.add_argument('--seed', type=int, default=1337)
+parser.add_argument('--ema', action='store_true', help='use the EMA of the weights (runs with ema_decay > 0)')
 parser.add_argument('--device', default='cpu')
 args = parser.parse_args()
 
 path = Path(args.ckpt)
-if not path.is_file():
-    raise SystemExit(f"indra: checkpoint {path} not found; train one with python train.py config/shakespeare.py "
-                     f"or pass --ckpt=path/to/best.pt")
-ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain containers only: no pickled code
+ckpt = load_checkpoint(path)  # weights_only: tensors and plain containers, no pickled code; errors are one line
 model = Indra(IndraConfig(**ckpt['model_args']))
 model.load_state_dict(ckpt['model'])
+if args.ema:
+    if ckpt.get('ema') is None:
+        raise SystemExit(f"indra: {path} has no EMA weights (trained with ema_decay=0); drop --ema")
+    model.load_state_dict({**model.state_dict(), **ckpt['ema']['shadow']})
 model.to(args.device).eval()
 torch.manual_seed(args.seed)
 
@@ -56,7 +58,8 @@ assert len(ids) < model.config.block_size, f"prompt of {len(ids)} tokens does no
 x = torch.tensor([ids] * args.num_samples, device=args.device)
 out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                      top_p=args.top_p, eos_id=ckpt['eos_id'])
-print(f"student of {model.num_params() / 1e6:.1f}M parameters from {path} (step {ckpt['iter_num']}), teacher {teacher}")
+print(f"student of {model.num_params() / 1e6:.1f}M parameters from {path} (step {ckpt['iter_num']}"
+      f"{', EMA weights' if args.ema else ''}), teacher {teacher}")
 for row in out.tolist():
     new = row[len(ids):]
     if ckpt['eos_id'] in new:

@@ -76,10 +76,10 @@ attn_impl = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls, seed 000)
 gradient_checkpointing = False  # recompute activations in backward: less memory, slower
 # distillation
 kd_weight = 0.5  # share of the KD term; 0 = plain cross-entropy on the same tokens
-kd_warmup_frac = 0.0  # > 0: kd_weight ramps linearly from kd_weight_start over this share of max_iters (seed 004: 20%)
+kd_warmup_frac = 0.0  # > 0: kd_weight ramps linearly from kd_weight_start over this share of training (seed 004: 20%)
 kd_weight_start = 0.1  # the KD weight at step 0 of the warmup (seed 004: 0.1 -> 0.7)
 temperature = 2.0  # softens both distributions in the KD term
-temperature_start = 0.0  # > 0: the temperature falls linearly from this to temperature_end over max_iters (seed 003)
+temperature_start = 0.0  # > 0: the temperature falls linearly from this to temperature_end over training (seed 003)
 temperature_end = 1.0
 label_smoothing = 0.0  # for the CE part (seed 002 used 0.1)
 logit_clamp = 0.0  # > 0: the student's logits are bounded to (-c, c) by c * tanh(logits / c) (seed 002 used 30)
@@ -98,7 +98,7 @@ max_skipped_steps = 10  # optimizer steps in a row skipped for a non-finite loss
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 20
-lr_decay_iters = 0  # 0 = max_iters
+lr_decay_iters = 0  # the length of every schedule (LR, KD warmup, temperature); 0 = max_iters
 min_lr = 1e-4
 # early stopping on held-out student CE (seed 001)
 patience = 0  # evaluations without improvement before stopping; 0 = never stop early
@@ -347,7 +347,7 @@ def get_lr(it):
 def get_kd_weight(it):
     """Seed 004: a KD term at full weight from step 0 drowned the run (KL 9.4 from a random projector);
     ramping it in from kd_weight_start lets the student and any projector settle first."""
-    ramp = kd_warmup_frac * max_iters
+    ramp = kd_warmup_frac * (lr_decay_iters or max_iters)
     return kd_weight if it >= ramp else kd_weight_start + (kd_weight - kd_weight_start) * it / ramp
 
 
@@ -355,7 +355,7 @@ def get_temperature(it):
     """Seed 003's dynamic temperature: soft targets early (more of the teacher's dark knowledge), sharp late."""
     if not temperature_start:
         return temperature
-    return temperature_start + (temperature_end - temperature_start) * min(1.0, it / max_iters)
+    return temperature_start + (temperature_end - temperature_start) * min(1.0, it / (lr_decay_iters or max_iters))
 
 
 def teacher_targets(x):

@@ -55,24 +55,6 @@ def test_tiny_run_learns_and_writes_checkpoints(tiny_teacher, tiny_data, tmp_pat
     assert 'user: Who are you?' in chat and 'student:' in chat
 
 
-def test_resume_continues_exactly(tiny_teacher, tiny_data, tmp_path):
-    """Half a run + resume gives the same loss record as the run straight through: the
-    checkpoint carries weights, optimizer, schedule, iteration and the batch order (seed 002
-    resumed with fresh weights)."""
-    common = dict(eval_interval=5, max_iters=20, lr_decay_iters=20, dropout=0.1)
-    straight, split = tmp_path / 'straight', tmp_path / 'split'
-    run('train.py', *tiny_args(tiny_teacher, tiny_data, straight, **common))
-    run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **{**common, 'max_iters': 10}))
-    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **common), '--init_from=resume')
-    assert 'resumed from' in stdout and 'at step 10' in stdout
-    a, b = records(straight), records(split)
-    assert [r['iter'] for r in a] == [r['iter'] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ('loss', 'val_ce', 'grad_norm'):
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra, rb)
-
-
 def test_fresh_run_does_not_overwrite_a_checkpoint(tiny_teacher, tiny_data, tmp_path):
     out = tmp_path / 'out'
     run('train.py', *tiny_args(tiny_teacher, tiny_data, out, max_iters=2, eval_interval=2))
