@@ -62,6 +62,7 @@ batch_size = 8  # sequences per micro-step
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 4  # micro-steps per optimizer step
 total_batch_size = 0  # tokens per optimizer step; 0 = the three above multiplied, else it sets gradient_accumulation_steps
+curriculum = 0.0  # example data: for this share of training draw the shortest examples first (seeds 001/002); 0 = off
 # teacher
 teacher = 'smollm2-135m-instruct'  # embedded name | local model dir | path/to/model.gguf | hub id
 teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA only)
@@ -207,11 +208,20 @@ if meta['tokenizer_hash'] != tokenizer_hash(tokenizer):
     fail(f"token files in {data_path} were made for tokenizer {meta['tokenizer_hash']} ({meta['teacher']}), "
          f"not this teacher's ({tokenizer_hash(tokenizer)}); run python data/{dataset}/prepare.py --teacher={teacher} "
          f"--out_dir=<new dir> and pass --data_dir=<new dir>")
+examples = meta.get('format') == 'examples'  # instruction data: one example per row, padded, loss on the answer
 for split in ('train', 'val'):
     n = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r').shape[0]
-    if n <= block_size:
+    if n <= block_size and not examples:
         fail(f"{split}.bin in {data_path} has {n} tokens, fewer than one block of {block_size + 1}; lower --block_size")
-
+if curriculum and not examples:
+    fail(f"--curriculum orders examples by length, and {data_path} is one stream of text; use example data "
+         f"(meta.json format 'examples') or --curriculum=0")
+if examples and teacher_targets == 'cache':
+    fail("the teacher-targets cache covers streams of text, not padded examples; use --teacher_targets=live")
+by_length = {}  # example data: example numbers, shortest first (the curriculum draws from the front)
+for split in ('train', 'val') if examples else ():
+    spans = np.fromfile(data_path / f'{split}.idx', dtype=np.int64).reshape(-1, 2)  # (N, 2): start, length
+    by_length[split] = (spans, np.argsort(spans[:, 1], kind='stable'))
 
 cache = None
 if teacher_targets == 'cache':  # the teacher's targets were computed once for aligned blocks of train.bin
@@ -222,9 +232,39 @@ if teacher_targets == 'cache':  # the teacher's targets were computed once for a
     print(f"training on cached teacher targets: {cache['blocks']} blocks, top {targets_top_k} at T={temperature:g}")
 
 
-def get_batch(split, generator):
-    """batch_size windows of block_size tokens, (B, T), and the cached teacher targets for them (or None).
-    Shakespeare windows are all real tokens, so no attention mask; the loss shifts by one inside."""
+def curriculum_pool(it):
+    """How many of the shortest training examples step `it` draws from. Seeds 001/002: short examples first;
+    for the first `curriculum` share of training the pool grows linearly from the shortest 10% to all."""
+    n = len(by_length['train'][0])
+    progress = it / (curriculum * (lr_decay_iters or max_iters)) if curriculum else 1.0
+    return n if progress >= 1 else max(1, math.ceil(n * (0.1 + 0.9 * progress)))
+
+
+def get_example_batch(split, generator, it):
+    """batch_size examples, right-padded with eos to the longest (at most block_size): ids (B, L), attention
+    mask (B, L) 1 on real tokens, loss mask (B, L) 1 on the tokens to learn (the answer)."""
+    data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')
+    mask = np.memmap(data_path / f'{split}.mask.bin', dtype=np.uint8, mode='r')
+    spans, order = by_length[split]
+    pool = curriculum_pool(it) if split == 'train' else len(order)
+    picks = order[torch.randint(pool, (batch_size,), generator=generator).numpy()]
+    L = min(block_size, int(spans[picks, 1].max()))
+    x = torch.full((batch_size, L), meta['eos_id'], dtype=torch.long)
+    am, lm = torch.zeros(batch_size, L, dtype=torch.long), torch.zeros(batch_size, L, dtype=torch.long)
+    for b, (start, n) in enumerate(spans[picks].tolist()):
+        n = min(n, L)
+        x[b, :n] = torch.from_numpy(data[start:start + n].astype(np.int64))
+        am[b, :n] = 1
+        lm[b, :n] = torch.from_numpy(mask[start:start + n].astype(np.int64))
+    return x.to(device), am.to(device), lm.to(device), None
+
+
+def get_batch(split, generator, it=0):
+    """(ids (B, T), attention mask, loss mask, cached teacher targets): batch_size windows of block_size tokens
+    of a text stream (all real tokens: no masks; the targets when training on the cache, else None), or padded
+    examples (get_example_batch). The loss shifts by one inside."""
+    if examples:
+        return get_example_batch(split, generator, it)
     data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')  # re-opened: np.memmap leaks otherwise
     if split == 'train' and cache is not None:  # the cache holds whole aligned blocks
         ix = torch.randint(cache['blocks'], (batch_size,), generator=generator) * block_size
@@ -232,13 +272,13 @@ def get_batch(split, generator):
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()]).to(device)
     if split != 'train' or cache is None:
-        return x, None
+        return x, None, None, None
     shape = (cache['blocks'] * block_size, targets_top_k)
     ids = np.memmap(cache['path'] / 'ids.bin', dtype=cache['ids_dtype'], mode='r', shape=shape)
     logp = np.memmap(cache['path'] / 'logp.bin', dtype=np.float16, mode='r', shape=shape)
     rows = lambda a: torch.stack([torch.from_numpy(a[i:i + block_size].astype(np.int64 if a is ids else np.float32))
                                   for i in ix.tolist()]).to(device)
-    return x, Teacher(ids=rows(ids), logp=rows(logp))  # (B, T, k) each
+    return x, None, None, Teacher(ids=rows(ids), logp=rows(logp))  # (B, T, k) each
 
 
 # ---- student, optimizer, resume ---------------------------------------------
@@ -324,7 +364,8 @@ if compile:
     try:  # compile now, on a real batch, so that the first timed step is not the compilation
         hidden_states = torch.compile(model.hidden_states)
         with torch.random.fork_rng(), autocast:  # leaves the RNG as it was (dropout draws from it)
-            hidden_states(get_batch('val', torch.Generator().manual_seed(0))[0]).sum().backward()
+            x, am, _, _ = get_batch('val', torch.Generator().manual_seed(0))
+            hidden_states(x, am).sum().backward()
         model.zero_grad(set_to_none=True)
     except Exception as e:  # no C++ compiler, an unsupported platform: say so and run eager
         print(f"indra: torch.compile is unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -358,9 +399,9 @@ def get_temperature(it):
     return temperature_start + (temperature_end - temperature_start) * min(1.0, it / (lr_decay_iters or max_iters))
 
 
-def teacher_targets(x):
+def run_teacher(x, attention_mask=None):
     with torch.no_grad(), autocast:
-        return Teacher(hidden=teacher_hidden(teacher_model, x), head=teacher_head)
+        return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask), head=teacher_head)
 
 
 @torch.no_grad()
@@ -370,11 +411,11 @@ def evaluate():
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every evaluation
     totals = torch.zeros(3)
     for _ in range(eval_iters):
-        x, _ = get_batch('val', gen)
-        t = teacher_targets(x)
+        x, am, lm, _ = get_batch('val', gen)
+        t = run_teacher(x, am)
         with autocast:
-            _, ce, kl = eval_kl(hidden_states(x), model.lm_head.weight, x, teacher=t)
-            _, t_ce, _ = eval_ce(t.hidden, t.head[:model.config.vocab_size], x)
+            _, ce, kl = eval_kl(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
+            _, t_ce, _ = eval_ce(t.hidden, t.head[:model.config.vocab_size], x, am, lm)
         totals += torch.stack([ce.float().cpu(), kl.float().cpu(), t_ce.float().cpu()])
     model.train()
     ce, kl, t_ce = (totals / eval_iters).tolist()
@@ -536,13 +577,14 @@ while True:
     if device_type == 'cuda':
         torch.cuda.synchronize()
     t_start = time.perf_counter()
-    parts = torch.zeros(3)
+    parts, tokens, longest = torch.zeros(3), 0, 0
     for micro_step in range(gradient_accumulation_steps):
-        x, t = get_batch('train', data_gen)
+        x, am, lm, t = get_batch('train', data_gen, iter_num)
+        tokens, longest = tokens + x.numel(), max(longest, x.shape[1] if am is None else int(am.sum(1).max()))
         if t is None and criterion.kd_weight > 0:
-            t = teacher_targets(x)
+            t = run_teacher(x, am)
         with autocast:
-            loss, ce, kl = criterion(hidden_states(x), model.lm_head.weight, x, teacher=t)
+            loss, ce, kl = criterion(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
         scaler.scale(loss / gradient_accumulation_steps).backward()
         parts += torch.stack([loss.detach().float().cpu(), ce.float().cpu(), kl.float().cpu()])
     scaler.unscale_(opt)  # true gradients (a no-op unless float16), for clipping and the logged norm
@@ -565,13 +607,13 @@ while True:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t_start
 
-    tok_s = tokens_per_iter / dt
+    tok_s = tokens / dt  # padded examples: the tokens that were computed
     mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / peak if peak else None
     mem = memory(device_type)
     record = {'iter': iter_num, 'loss': loss, 'ce': ce, 'kl': kl, 'kd_weight': criterion.kd_weight,
               'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),
-              'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': tokens_per_iter / block_size / dt,
-              'tokens_per_s': tok_s, 'mfu': mfu, **mem}
+              'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': batch_size * gradient_accumulation_steps / dt,
+              'tokens_per_s': tok_s, 'mfu': mfu, 'longest': longest, **mem}
     records.log(record)
     if not finite:
         print(f"iter {iter_num}: SKIPPED, loss {loss}, grad norm {grad_norm}: not finite ({skipped_in_a_row} in a row, "

@@ -91,3 +91,36 @@ def tiny_data(tiny_teacher, tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes more than a minute on a 2-core CPU')
+
+
+@pytest.fixture(scope='session')
+def tiny_examples(tiny_teacher, tmp_path_factory):
+    """Instruction-style example data for the tiny teacher, in train.py's 'examples' format: {split}.bin (the
+    examples' tokens, one after another), {split}.idx (int64 start, length per example), {split}.mask.bin (uint8,
+    1 on answer tokens) and meta.json. Lengths vary from a few tokens to more than a 64-token block."""
+    import json
+    import random
+    import numpy as np
+    from transformers import AutoTokenizer
+    from teacher import tokenizer_hash
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    eos = tok.convert_tokens_to_ids('<|endoftext|>')
+    words = TEXT.split()
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp('tiny_examples')
+    for split, count in (('train', 300), ('val', 40)):
+        ids, spans, mask = [], [], []
+        for _ in range(count):
+            n = rng.choice([1, 2, 3, 5, 8, 13, 21, 34])
+            prompt = tok.encode(f"Repeat: {' '.join(rng.sample(words, n))}\n")
+            answer = tok.encode(' '.join(rng.sample(words, n))) + [eos]
+            spans.append((len(ids), len(prompt) + len(answer)))
+            ids += prompt + answer
+            mask += [0] * len(prompt) + [1] * len(answer)
+        np.array(ids, dtype=np.uint16).tofile(out / f'{split}.bin')
+        np.array(spans, dtype=np.int64).tofile(out / f'{split}.idx')
+        np.array(mask, dtype=np.uint8).tofile(out / f'{split}.mask.bin')
+    (out / 'meta.json').write_text(json.dumps({
+        'teacher': tiny_teacher, 'tokenizer_hash': tokenizer_hash(tok), 'dtype': 'uint16', 'eos_id': eos,
+        'vocab_size': len(tok), 'format': 'examples', 'chat': False}))
+    return str(out)

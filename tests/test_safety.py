@@ -202,3 +202,22 @@ def test_plot_draws_every_panel(switched_run, tmp_path):
     assert {'val CE', 'teacher val CE', 'val CE, EMA weights', 'KD weight', 'temperature', 'learning rate'} <= labels
     r = subprocess.run([sys.executable, str(ROOT / 'plot.py'), str(tmp_path / 'nowhere')], capture_output=True, text=True)
     assert r.returncode == 1 and 'usage: python plot.py OUT_DIR' in r.stderr
+
+
+def test_curriculum_draws_the_shortest_examples_first(tiny_teacher, tiny_examples, tmp_path):
+    """Padded example batches (attention and loss masks) train; with curriculum=0.5 of 10 steps, step i draws from
+    the shortest 10% + 90% * i/5 of the examples, so its longest example is at most that pool's longest."""
+    import numpy as np
+    lengths = np.sort(np.fromfile(f'{tiny_examples}/train.idx', dtype=np.int64).reshape(-1, 2)[:, 1])
+    common = dict(max_iters=10, eval_interval=10, watch_tokens=0, plot=False, gradient_accumulation_steps=1)
+    run('train.py', *tiny_args(tiny_teacher, tiny_examples, tmp_path / 'on', curriculum=0.5, **common))
+    run('train.py', *tiny_args(tiny_teacher, tiny_examples, tmp_path / 'off', **common))
+    on = [r for r in records(tmp_path / 'on') if 'loss' in r]
+    off = [r for r in records(tmp_path / 'off') if 'loss' in r]
+    for r in on[:5]:
+        pool = int(np.ceil(len(lengths) * (0.1 + 0.9 * r['iter'] / 5)))
+        assert r['longest'] <= lengths[pool - 1], (r['iter'], r['longest'], lengths[pool - 1])
+    assert max(r['longest'] for r in on[:2]) < max(r['longest'] for r in off[:2])  # the switch changes what is drawn
+    assert all(np.isfinite(r['loss']) and r['kl'] > 0 for r in on + off)
+    evals = [r for r in records(tmp_path / 'on') if 'val_ce' in r]
+    assert evals[-1]['val_ce'] < evals[0]['val_ce']
