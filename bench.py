@@ -8,10 +8,9 @@ work, measured in this one process, one after the other, and printed as a ratio.
 Timing: each case runs once to warm up, then `repeats` times; CUDA is synchronized before the
 clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
 memory sampled every millisecond while the case runs once, minus what was resident before
-(PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU counts FLOPs with the PaLM formula (Chowdhery et
-al. 2022, appendix B): 6N + 12 L T C per trained token and 2N + 4 L T C per teacher token, N the
-parameters that take part in matmuls (the tied head once, the embedding lookup not), against a
-peak that is measured here (a large bf16 matmul) on CPU or looked up for the GPU.
+(PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU is
+counted as in monitor.py: PaLM's FLOPs per token for student and teacher against a peak measured
+here (a large bf16 matmul) on CPU or looked up for the GPU.
 """
 import argparse
 import os
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 from attention import ComplexAttention
 from losses import DistillationLoss, Teacher
 from model import Indra, IndraConfig
+from monitor import peak_flops, student_flops_per_token, teacher_flops_per_token
 
 ROOT = Path(__file__).resolve().parent
-GPU_PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -252,19 +251,8 @@ row("live step, part by part", 'sum of parts', ms(total), 'largest', max(parts, 
     '; '.join(f"{k} {ms(v)} ({v / total:.0%})" for k, v in parts.items()))
 
 # ---- end-to-end tokens/s and MFU of the live-teacher step ----
-if cuda:
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-    peak_src = f"{name}, looked up" if peak else f"{name}: not in the table, MFU not reported"
-else:
-    a = torch.randn(4096, 4096, dtype=torch.bfloat16)
-    peak = 2 * 4096 ** 3 / timed(lambda: a @ a, repeats=5)
-    peak_src = "a 4096^3 bf16 matmul on this machine"
-cfg, tcfg = student.config, teacher.config
-n_student = sum(p.numel() for p in student.parameters())  # tied: the head counted once, as a matmul
-n_teacher = sum(p.numel() for p in teacher.parameters()) - (0 if tcfg.tie_word_embeddings else head.numel())
-f_student = 6 * n_student + 12 * cfg.n_layer * block * cfg.n_embd
-f_teacher = 2 * n_teacher + 4 * tcfg.num_hidden_layers * block * tcfg.num_attention_heads * tcfg.head_dim
+peak, peak_src = peak_flops(device, torch.bfloat16)
+f_student, f_teacher = student_flops_per_token(student, block), teacher_flops_per_token(teacher, block)
 tok_s = batch * block / steps['live teacher']
 mfu = f"{(f_student + f_teacher) * tok_s / peak:.1%}" if peak else 'n/a'
 row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', mfu,

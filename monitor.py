@@ -15,6 +15,7 @@ in matmuls (a tied head once, an embedding lookup not), against a peak measured 
 import importlib
 import json
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -110,8 +111,11 @@ class Records:
         self.wandb = self.aim = None
         if wandb_log:
             wandb = require('wandb', 'wandb_log')
-            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, mode=wandb_mode,
-                                    config=config, dir=str(out_dir), resume='allow' if resume else None)
+            id_file = Path(out_dir) / 'wandb_run_id'  # a resumed run continues the same W&B run
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, mode=wandb_mode, id=run_id,
+                                    config=config, dir=str(out_dir), resume='allow')
         if aim_log:
             aim = require('aim', 'aim_log')
             self.aim = aim.Run(repo=aim_repo or str(out_dir), experiment=wandb_project)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attention import ComplexAttention, additive_mask, attend_reference, attend_sdpa, rotary_phases
+from attention import ComplexAttention, additive_mask, attend_reference, rotary_phases
 
 
 def make(B=2, nh=3, T=12, hs=8, dtype=torch.float32, seed=0):

@@ -4,7 +4,6 @@ memory and speed in the log, the mode-collapse watch, optional loggers, plot.py.
 Some runs happen in this process (runpy) so that a fault can be injected with monkeypatch.
 Run: python -m pytest tests/test_safety.py"""
 import importlib.util
-import json
 import runpy
 import signal
 import subprocess

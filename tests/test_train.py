@@ -99,7 +99,7 @@ def test_cached_teacher_targets(tiny_teacher, tiny_data, tmp_path):
     """teacher.py --cache writes top-k targets that match the live teacher; training on them runs, with no
     teacher forward in the step; an interrupted build resumes where it stopped."""
     import numpy as np
-    from teacher import build_targets, load_teacher, targets_dir, teacher_hidden
+    from teacher import build_targets, load_teacher, targets_dir
     data = tmp_path / 'data'
     data.mkdir()
     for name in ('train.bin', 'val.bin', 'meta.json'):
