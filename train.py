@@ -436,7 +436,8 @@ def watch():
     chat = meta.get('chat', False)
     results = []
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # training's RNG is untouched
+    gpus = [torch.device(device).index or torch.cuda.current_device()] if device_type == 'cuda' else []
+    with torch.random.fork_rng(devices=gpus):  # training's RNG is untouched
         torch.manual_seed(seed)
         for prompt in WATCH_PROMPTS['chat' if chat else 'text']:
             text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False,

@@ -192,3 +192,15 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_teacher, tiny_data, fini
     assert lines[-1].startswith('indra: ') and words in lines[-1], lines[-1]
     after = {p: p.read_bytes() for d in watched for p in sorted(d.iterdir())}
     assert after == before, 'a bad input changed a file'
+
+
+def test_batches_with_nothing_to_learn_give_a_zero_loss_not_nan(tiny_teacher, tiny_examples, tmp_path):
+    """Example data whose loss masks are all 0 (every token a prompt token): the KD and CE terms count no token,
+    so the loss is 0 and finite, no step is skipped, and the weights only decay."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_examples, data)
+    np.zeros_like(np.fromfile(data / 'train.mask.bin', dtype=np.uint8)).tofile(data / 'train.mask.bin')
+    out = tmp_path / 'out'
+    run('train.py', *tiny_args(tiny_teacher, data, out, max_iters=3, eval_interval=3, watch_tokens=0, plot=False))
+    steps = [r for r in records(out) if 'loss' in r]
+    assert [(r['loss'], r['ce'], r['kl'], r['skipped'], r['grad_norm']) for r in steps] == [(0.0, 0.0, 0.0, 0, 0.0)] * 3

@@ -209,7 +209,8 @@ def test_curriculum_draws_the_shortest_examples_first(tiny_teacher, tiny_example
     import numpy as np
     lengths = np.sort(np.fromfile(f'{tiny_examples}/train.idx', dtype=np.int64).reshape(-1, 2)[:, 1])
     common = dict(max_iters=10, eval_interval=10, watch_tokens=0, plot=False, gradient_accumulation_steps=1)
-    run('train.py', *tiny_args(tiny_teacher, tiny_examples, tmp_path / 'on', curriculum=0.5, **common))
+    run('train.py', *tiny_args(tiny_teacher, tiny_examples, tmp_path / 'on', curriculum=0.5, **common),
+        '--watch_tokens=8')  # chat data: the collapse watch asks seed 001's three questions
     run('train.py', *tiny_args(tiny_teacher, tiny_examples, tmp_path / 'off', **common))
     on = [r for r in records(tmp_path / 'on') if 'loss' in r]
     off = [r for r in records(tmp_path / 'off') if 'loss' in r]
@@ -220,3 +221,4 @@ def test_curriculum_draws_the_shortest_examples_first(tiny_teacher, tiny_example
     assert all(np.isfinite(r['loss']) and r['kl'] > 0 for r in on + off)
     evals = [r for r in records(tmp_path / 'on') if 'val_ce' in r]
     assert evals[-1]['val_ce'] < evals[0]['val_ce']
+    assert [w['prompt'] for w in evals[-1]['watch']][1] == 'What is 25 + 17?'
