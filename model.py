@@ -176,15 +176,20 @@ class EMA:
     def __init__(self, model, decay):
         assert 0.0 < decay < 1.0, f"ema_decay={decay} must be in (0, 1)"
         self.decay, self.updates = decay, 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # named_parameters lists the tied embedding/head once (as wte.weight): one shadow for one matrix
+        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model):
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.float(), 1.0 - d)
+        for k, p in model.named_parameters():
+            self.shadow[k].lerp_(p.float(), 1.0 - d)
         self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
 
     def state_dict(self):
         return {'decay': self.decay, 'updates': self.updates, 'shadow': self.shadow}
@@ -209,12 +214,14 @@ class EMA:
     @contextmanager
     def applied(self, model):
         """Inside the block the model holds the EMA weights; its own come back afterwards."""
-        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict({**model.state_dict(), **self.shadow})
+        own = {k: p.detach().clone() for k, p in model.named_parameters()}
+        self.copy_to(model)
         try:
             yield model
         finally:
-            model.load_state_dict({**model.state_dict(), **own})
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(own[k])
 
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')

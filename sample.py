@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model import Indra, IndraConfig, load_checkpoint
+from model import EMA, Indra, IndraConfig, load_checkpoint
 from teacher import encode, load_tokenizer, tokenizer_hash
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,12 @@ model.load_state_dict(ckpt['model'])
 if args.ema:
     if ckpt.get('ema') is None:
         raise SystemExit(f"indra: {path} has no EMA weights (trained with ema_decay=0); drop --ema")
-    model.load_state_dict({**model.state_dict(), **ckpt['ema']['shadow']})
+    ema = EMA(model, ckpt['ema']['decay'])
+    try:
+        ema.load_state_dict(ckpt['ema'], path)
+    except ValueError as e:  # names the tensor that does not fit (seed 002's EMA crash, as one line)
+        raise SystemExit(f"indra: {e}") from None
+    ema.copy_to(model)
 model.to(args.device).eval()
 torch.manual_seed(args.seed)
 

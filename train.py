@@ -220,7 +220,12 @@ if examples and teacher_targets == 'cache':
     fail("the teacher-targets cache covers streams of text, not padded examples; use --teacher_targets=live")
 by_length = {}  # example data: example numbers, shortest first (the curriculum draws from the front)
 for split in ('train', 'val') if examples else ():
+    for name in (f'{split}.idx', f'{split}.mask.bin'):
+        if not (data_path / name).is_file():
+            fail(f"{data_path} holds example data (meta.json format 'examples') but no {name}; prepare it again")
     spans = np.fromfile(data_path / f'{split}.idx', dtype=np.int64).reshape(-1, 2)  # (N, 2): start, length
+    if len(spans) == 0:
+        fail(f"{data_path / (split + '.idx')} lists no examples; prepare the data again")
     by_length[split] = (spans, np.argsort(spans[:, 1], kind='stable'))
 
 cache = None

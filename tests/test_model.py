@@ -97,9 +97,15 @@ def test_ema_ramps_averages_and_swaps_back():
         m.wte.weight.add_(1.0)
     ema.update(m)  # update 0: d = min(0.999, 1/10): the shadow moves 90% of the way
     assert torch.allclose(ema.shadow['wte.weight'], w0 + 0.9)
+    assert 'lm_head.weight' not in ema.shadow  # the tied head is the embedding: one shadow, not two
+    x = torch.randint(97, (1, 8))
     with ema.applied(m):
-        assert torch.allclose(m.wte.weight, w0 + 0.9)
+        assert torch.allclose(m.wte.weight, w0 + 0.9) and m.lm_head.weight is m.wte.weight
+        with torch.no_grad():
+            want = m(x)[0]
     assert torch.allclose(m.wte.weight, w0 + 1.0)  # the model's own weights are back
+    ema.copy_to(m)
+    assert torch.equal(m(x)[0], want)  # sample.py --ema: the same model as inside applied()
 
 
 def test_ema_load_names_the_mismatching_parameter():
