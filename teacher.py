@@ -447,10 +447,16 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
     return out
 
 
-def _write_json(path, obj):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=2) + '\n')
+def write_atomic(path, data):
+    """Write bytes through a temp file and os.replace, so a reader (or a crash) never sees half a file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2) + '\n').encode('utf-8'))
 
 
 if __name__ == '__main__':

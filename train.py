@@ -36,7 +36,7 @@ from model import EMA, Indra, IndraConfig, load_checkpoint
 from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
                      teacher_flops_per_token)
 from teacher import (build_targets, check_linear_head, encode, load_teacher, teacher_hidden, teacher_slug,
-                     tokenizer_hash)
+                     tokenizer_hash, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -497,8 +497,7 @@ def trim_log():
             continue
         if r['iter'] < iter_num or (r['iter'] == iter_num and 'val_ce' in r and evaluated):
             kept.append(line + '\n')
-    path.with_suffix('.tmp').write_text(''.join(kept))
-    os.replace(path.with_suffix('.tmp'), path)
+    write_atomic(path, ''.join(kept).encode('utf-8'))
 
 
 stop_signal = None

@@ -17,7 +17,6 @@ a directory without it is not prepared). Default out_dir: data/shakespeare/<teac
 
 import argparse
 import json
-import os
 import pathlib
 import re
 import sys
@@ -66,13 +65,6 @@ def to_array(ids, dtype):
     return ids.astype(dtype)
 
 
-def write_atomic(path, data):
-    """Write bytes through a temp file and os.replace, so a reader never sees half a file."""
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def prepare(teacher, out_dir=None, tokenizer='auto'):
     """Tokenize the plays for teacher (a spec teacher.py understands) into out_dir; return out_dir."""
     assert tokenizer in ('auto', 'hf'), f"tokenizer={tokenizer!r}: use 'auto' (tiktoken when exact) or 'hf'"
@@ -108,7 +100,7 @@ def prepare(teacher, out_dir=None, tokenizer='auto'):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new bins mid-write
     for split, ids in splits.items():
-        write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
+        teacher_lib.write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
     meta = {
         'teacher': teacher,
         'tokenizer_hash': teacher_lib.tokenizer_hash(tok),
@@ -120,7 +112,7 @@ def prepare(teacher, out_dir=None, tokenizer='auto'):
         'val_plays': VAL_PLAYS,
         'tokenizer': 'tiktoken' if enc is not None else 'hf',
     }
-    write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
 
     n_val = sum(name in VAL_PLAYS for name, _ in plays)
     print(f"train: {len(plays) - n_val} plays, {chars['train']:,} chars, {len(splits['train']):,} tokens")
