@@ -142,6 +142,7 @@ if total_batch_size:  # stated in tokens (STYLE 6): the accumulation follows fro
         fail(f"--total_batch_size={total_batch_size} must be a positive multiple of batch_size x block_size = "
              f"{batch_size * block_size} tokens, e.g. {4 * batch_size * block_size}")
     gradient_accumulation_steps = config['gradient_accumulation_steps'] = total_batch_size // (batch_size * block_size)
+schedule_iters = lr_decay_iters or max_iters  # the length of every schedule: LR, KD warmup, temperature, curriculum
 if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
     fail(f"learning_rate={learning_rate} must be > 0 and min_lr={min_lr} in [0, learning_rate]")
 for name in ('kd_weight', 'kd_weight_start', 'kd_warmup_frac', 'label_smoothing'):
@@ -241,7 +242,7 @@ def curriculum_pool(it):
     """How many of the shortest training examples step `it` draws from. Seeds 001/002: short examples first;
     for the first `curriculum` share of training the pool grows linearly from the shortest 10% to all."""
     n = len(by_length['train'][0])
-    progress = it / (curriculum * (lr_decay_iters or max_iters)) if curriculum else 1.0
+    progress = it / (curriculum * schedule_iters) if curriculum else 1.0
     return n if progress >= 1 else max(1, math.ceil(n * (0.1 + 0.9 * progress)))
 
 
@@ -342,9 +343,9 @@ if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
     opt.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-    if ema is not None and checkpoint.get('ema') is None:
-        fail(f"{out_path / 'ckpt.pt'} has no EMA (it was trained with ema_decay=0); resume with --ema_decay=0")
     if ema is not None:
+        if checkpoint.get('ema') is None:
+            fail(f"{out_path / 'ckpt.pt'} has no EMA (it was trained with ema_decay=0); resume with --ema_decay=0")
         try:
             ema.load_state_dict(checkpoint['ema'], out_path / 'ckpt.pt')
         except ValueError as e:
@@ -383,17 +384,16 @@ def get_lr(it):
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    decay_iters = lr_decay_iters or max_iters
-    if it >= decay_iters:
+    if it >= schedule_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    ratio = (it - warmup_iters) / max(1, schedule_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
 def get_kd_weight(it):
     """Seed 004: a KD term at full weight from step 0 drowned the run (KL 9.4 from a random projector);
     ramping it in from kd_weight_start lets the student and any projector settle first."""
-    ramp = kd_warmup_frac * (lr_decay_iters or max_iters)
+    ramp = kd_warmup_frac * schedule_iters
     return kd_weight if it >= ramp else kd_weight_start + (kd_weight - kd_weight_start) * it / ramp
 
 
@@ -401,7 +401,7 @@ def get_temperature(it):
     """Seed 003's dynamic temperature: soft targets early (more of the teacher's dark knowledge), sharp late."""
     if not temperature_start:
         return temperature
-    return temperature_start + (temperature_end - temperature_start) * min(1.0, it / (lr_decay_iters or max_iters))
+    return temperature_start + (temperature_end - temperature_start) * min(1.0, it / schedule_iters)
 
 
 def run_teacher(x, attention_mask=None):
@@ -409,21 +409,40 @@ def run_teacher(x, attention_mask=None):
         return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask), head=teacher_head)
 
 
+held_out = None  # (batches with the teacher's targets, teacher CE): made at the first evaluation, then reused
+
+
+@torch.no_grad()
+def held_out_batches():
+    """eval_iters fixed held-out batches, each with the teacher's final hidden states, and the teacher's CE on them.
+    The batches are the same at every evaluation and the teacher is frozen, so its forward runs once per run
+    (a few MB of hidden states), not at every evaluation and again for the EMA weights."""
+    global held_out
+    if held_out is None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        batches, t_ce = [], torch.zeros(())
+        for _ in range(eval_iters):
+            x, am, lm, _ = get_batch('val', gen)
+            t = run_teacher(x, am)
+            with autocast:
+                t_ce += eval_ce(t.hidden, t.head[:model.config.vocab_size], x, am, lm)[1].float().cpu()
+            batches.append((x, am, lm, t))
+        held_out = batches, (t_ce / eval_iters).item()
+    return held_out
+
+
 @torch.no_grad()
 def evaluate():
-    """Student CE, KL(teacher || student) at T=1 and teacher CE on eval_iters fixed held-out batches."""
+    """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE."""
+    batches, t_ce = held_out_batches()
     model.eval()
-    gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every evaluation
-    totals = torch.zeros(3)
-    for _ in range(eval_iters):
-        x, am, lm, _ = get_batch('val', gen)
-        t = run_teacher(x, am)
+    totals = torch.zeros(2)
+    for x, am, lm, t in batches:
         with autocast:
             _, ce, kl = eval_kl(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
-            _, t_ce, _ = eval_ce(t.hidden, t.head[:model.config.vocab_size], x, am, lm)
-        totals += torch.stack([ce.float().cpu(), kl.float().cpu(), t_ce.float().cpu()])
+        totals += torch.stack([ce.float().cpu(), kl.float().cpu()])
     model.train()
-    ce, kl, t_ce = (totals / eval_iters).tolist()
+    ce, kl = (totals / eval_iters).tolist()
     return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce, 'teacher_val_ppl': math.exp(t_ce)}
 
 
