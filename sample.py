@@ -6,7 +6,8 @@ Generate text with a trained indra student.
     python sample.py --ckpt out/best.pt --chat --prompt "What is 2 + 3?"
 
 The tokenizer is rebuilt from the checkpoint's teacher spec and checked against the hash the
-checkpoint was trained with. --chat wraps the prompt in the teacher's chat template.
+checkpoint was trained with. --chat wraps the prompt in the teacher's chat template and shows the
+teacher's answers (same sampling settings) beside the student's.
 """
 import argparse
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from model import EMA, Indra, IndraConfig, load_checkpoint
-from teacher import encode, load_tokenizer, tokenizer_hash
+from teacher import encode, load_teacher, load_tokenizer, tokenizer_hash
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--ckpt', default='out/best.pt', help='checkpoint written by train.py')
 parser.add_argument('--prompt', default=None, help="text to continue (default: a line of verse, or a question with --chat)")
-parser.add_argument('--chat', action='store_true', help="wrap the prompt in the teacher's chat template")
+parser.add_argument('--chat', action='store_true', help="wrap the prompt in the teacher's chat template; the teacher answers too")
+parser.add_argument('--no_teacher', action='store_true', help='with --chat: the student only (skips loading the teacher)')
 parser.add_argument('--num_samples', type=int, default=2)
 parser.add_argument('--max_new_tokens', type=int, default=120)
 parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
@@ -65,10 +67,20 @@ out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k
                      top_p=args.top_p, eos_id=ckpt['eos_id'])
 print(f"student of {model.num_params() / 1e6:.1f}M parameters from {path} (step {ckpt['iter_num']}"
       f"{', EMA weights' if args.ema else ''}), teacher {teacher}")
-for row in out.tolist():
-    new = row[len(ids):]
-    if ckpt['eos_id'] in new:
-        new = new[:new.index(ckpt['eos_id'])]
+answers = {'student': out[:, len(ids):].tolist()}
+if args.chat and not args.no_teacher:  # the teacher answers the same prompt with the same sampling settings
+    t_model, _, _ = load_teacher(teacher, device=args.device)
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) \
+        if args.temperature > 0 else dict(do_sample=False)
+    t_out = t_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                             eos_token_id=ckpt['eos_id'], pad_token_id=ckpt['eos_id'], **sampling)
+    answers['teacher'] = t_out[:, len(ids):].tolist()
+for i in range(args.num_samples):
     print('-' * 60)
-    print(text + tokenizer.decode(new, skip_special_tokens=True) if not args.chat
-          else f"user: {prompt}\nstudent: {tokenizer.decode(new, skip_special_tokens=True)}")
+    if args.chat:
+        print(f"user: {prompt}")
+    for who, rows in answers.items():
+        new = rows[i][:rows[i].index(ckpt['eos_id'])] if ckpt['eos_id'] in rows[i] else rows[i]
+        text_out = tokenizer.decode(new, skip_special_tokens=True)
+        print(f"{who}: {text_out}" if args.chat else text + text_out)

@@ -240,6 +240,20 @@ def _unicode_to_byte():
     return {c: b for b, c in char_of.items()}
 
 
+def token_bytes(tokenizer, vocab_size):
+    """(vocab_size,) int64: the bytes of text each token id stands for; 0 for added/special tokens and for logits
+    past the tokenizer. Exact for byte-level BPE (one character per byte); otherwise the UTF-8 length of the
+    token's text. Bits per byte = summed CE / (ln 2 x summed bytes) compares models across tokenizers."""
+    to_byte = _unicode_to_byte()
+    added = set(tokenizer.added_tokens_decoder)
+    out = torch.zeros(vocab_size, dtype=torch.long)
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size and i not in added:
+            out[i] = len(token) if all(c in to_byte for c in token) else len(
+                tokenizer.convert_tokens_to_string([token]).encode('utf-8'))
+    return out
+
+
 def _pretokenizer_pattern(pre):
     """The one regex equal to a byte-level pre-tokenizer, or (None, why not)."""
     steps = pre['pretokenizers'] if pre and pre['type'] == 'Sequence' else [pre]

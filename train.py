@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from losses import DistillationLoss, Teacher
+from losses import DistillationLoss, Teacher, pad_examples
 from model import EMA, Indra, IndraConfig, load_checkpoint
 from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
                      teacher_flops_per_token)
@@ -254,14 +254,7 @@ def get_example_batch(split, generator, it):
     spans, order = by_length[split]
     pool = curriculum_pool(it) if split == 'train' else len(order)
     picks = order[torch.randint(pool, (batch_size,), generator=generator).numpy()]
-    L = min(block_size, int(spans[picks, 1].max()))
-    x = torch.full((batch_size, L), meta['eos_id'], dtype=torch.long)
-    am, lm = torch.zeros(batch_size, L, dtype=torch.long), torch.zeros(batch_size, L, dtype=torch.long)
-    for b, (start, n) in enumerate(spans[picks].tolist()):
-        n = min(n, L)
-        x[b, :n] = torch.from_numpy(data[start:start + n].astype(np.int64))
-        am[b, :n] = 1
-        lm[b, :n] = torch.from_numpy(mask[start:start + n].astype(np.int64))
+    x, am, lm = pad_examples(data, mask, spans[picks].tolist(), block_size, meta['eos_id'])
     return x.to(device), am.to(device), lm.to(device), None
 
 

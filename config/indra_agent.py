@@ -16,7 +16,7 @@
 out_dir = 'out-indra-agent'
 teacher = 'Qwen/Qwen2.5-0.5B-Instruct'
 teacher_quantization = '4bit'
-dataset = 'shakespeare'
+dataset = 'agent'  # instruction data with the teacher's own answers (data/agent/prepare.py)
 
 n_layer = 12
 n_head = 12

@@ -6,7 +6,7 @@
 #
 # On 2 CPU cores (Xeon with AVX-512 bf16) it takes about 10 minutes, bf16 autocast, the first
 # run also fetching the teacher (93 MB) and the plays and tokenizing them (~1 min).
-# Expect the held-out CE to fall from 10.9 at step 0 to about 5.3 (the teacher: 3.8).
+# Expect the held-out CE to fall from 10.9 at step 0 to about 5.2 (the teacher: 3.8).
 out_dir = 'out'
 dataset = 'shakespeare'
 teacher = 'smollm2-135m-instruct'
@@ -26,7 +26,9 @@ eval_interval = 50
 eval_iters = 8
 log_interval = 10
 
-kd_weight = 0.5
-temperature = 2.0
+# Mostly the teacher's distribution at T=1: on seed 1337 this ended at val CE 5.211, against 5.317 with
+# kd_weight=0.5, T=2 and 5.406 with no teacher (kd_weight=0). python kd_vs_ce.py compares over 3 seeds.
+kd_weight = 0.9
+temperature = 1.0
 device = 'cpu'
 dtype = 'bfloat16'
