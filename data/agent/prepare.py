@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -50,12 +51,9 @@ shakespeare = _shakespeare()
 # ---- prompts with known answers ------------------------------------------------
 NAMES = ['Tom', 'Anna', 'Ravi', 'Mei', 'Lucas', 'Sara', 'Omar', 'Ines', 'Kofi', 'Yuki', 'Elena', 'Ben']
 THINGS = ['apples', 'books', 'coins', 'pencils', 'stamps', 'marbles', 'cookies', 'shells', 'cards', 'eggs']
-WORDS = ['river', 'castle', 'garden', 'window', 'silver', 'forest', 'candle', 'harbor', 'mirror', 'pepper',
-         'lemon', 'tiger', 'planet', 'rocket', 'basket', 'violin', 'island', 'meadow', 'thunder', 'anchor',
-         'butter', 'dragon', 'feather', 'jacket', 'kettle', 'ladder', 'marble', 'needle', 'orange', 'pillow',
-         'rabbit', 'saddle', 'tunnel', 'wagon', 'zebra', 'bridge', 'cloud', 'stone', 'horse', 'music']
 CITIES = ['Lisbon', 'Paris', 'Tokyo', 'Cairo', 'Lima', 'Oslo', 'Delhi', 'Nairobi', 'Toronto', 'Madrid',
-          'Berlin', 'Seoul', 'Sydney', 'Quito', 'Dublin', 'Hanoi', 'Prague', 'Accra', 'Vienna', 'Manila']
+          'Berlin', 'Seoul', 'Sydney', 'Quito', 'Dublin', 'Hanoi', 'Prague', 'Accra', 'Vienna', 'Manila',
+          'Rome', 'Athens', 'Bogota', 'Dakar', 'Helsinki', 'Jakarta', 'Kyiv', 'Lagos', 'Mumbai', 'Santiago']
 CURRENCIES = ['USD', 'EUR', 'JPY', 'GBP', 'INR', 'BRL', 'CAD']
 TOOLS = {
     'get_weather': ('the current weather in a city', {'city': 'string'}),
@@ -65,13 +63,13 @@ TOOLS = {
 }
 
 
-def arithmetic(rng, plays):
+def arithmetic(rng, src):
     a, b, op = rng.randint(2, 60), rng.randint(2, 60), rng.choice('+-')
     a, b = (max(a, b), min(a, b)) if op == '-' else (a, b)
     return f"What is {a} {op} {b}? Answer with only the number.", str(a + b if op == '+' else a - b), 'number'
 
 
-def word_problem(rng, plays):
+def word_problem(rng, src):
     name, thing, a, b = rng.choice(NAMES), rng.choice(THINGS), rng.randint(3, 30), rng.randint(2, 20)
     if rng.random() < 0.5:
         return (f"{name} has {a} {thing} and buys {b} more. How many {thing} does {name} have now? "
@@ -81,34 +79,34 @@ def word_problem(rng, plays):
             f"Answer with only the number.", str(a - b), 'number')
 
 
-def count_words(rng, plays):
-    words = rng.sample(WORDS, rng.randint(2, 7))
+def count_words(rng, src):
+    words = rng.sample(src['words'], rng.randint(2, 7))
     return f"How many words are in this list: {' '.join(words)}? Answer with only the number.", str(len(words)), 'number'
 
 
-def larger(rng, plays):
+def larger(rng, src):
     a, b = rng.sample(range(1, 100), 2)
     return f"Which number is larger, {a} or {b}? Answer with only the number.", str(max(a, b)), 'number'
 
 
-def alphabetical(rng, plays):
-    a, b = rng.sample(WORDS, 2)
+def alphabetical(rng, src):
+    a, b = rng.sample(src['words'], 2)
     return (f"Which word comes first in alphabetical order, {a} or {b}? Answer with only the word.",
             min(a, b), 'text')
 
 
-def first_letter(rng, plays):
-    w = rng.choice(WORDS + CITIES)
+def first_letter(rng, src):
+    w = rng.choice(src['words'] + CITIES)
     return f"What is the first letter of the word '{w}'? Answer with only the letter.", w[0], 'text'
 
 
-def capitals(rng, plays):
-    w = rng.choice(WORDS)
+def capitals(rng, src):
+    w = rng.choice(src['words'])
     return f"Write the word '{w}' in capital letters. Answer with only the word.", w.upper(), 'case'
 
 
-def reverse_words(rng, plays):
-    words = rng.sample(WORDS, 3)
+def reverse_words(rng, src):
+    words = rng.sample(src['words'], 3)
     return (f"Reverse the order of these words: {' '.join(words)}. Answer with only the words.",
             ' '.join(reversed(words)), 'text')
 
@@ -123,9 +121,9 @@ def speeches(text):
     return out
 
 
-def who_speaks(rng, plays):
+def who_speaks(rng, src):
     while True:  # three short consecutive speeches by different speakers
-        play = rng.choice(plays)
+        play = rng.choice(src['speeches'])
         i = rng.randrange(len(play) - 3)
         chunk = play[i:i + 3]
         if len({s for s, _ in chunk}) == 3 and all(1 <= len(lines) <= 2 and len(' '.join(lines)) < 120
@@ -137,9 +135,9 @@ def who_speaks(rng, plays):
             f"Answer with only the name.", speaker, 'text')
 
 
-def next_line(rng, plays):
+def next_line(rng, src):
     while True:  # one speech of 3 to 6 short lines
-        _, lines = rng.choice(rng.choice(plays))
+        _, lines = rng.choice(rng.choice(src['speeches']))
         if 3 <= len(lines) <= 6 and max(len(line) for line in lines) < 70 and len(set(lines)) == len(lines):
             break
     k = rng.randrange(len(lines) - 1)
@@ -147,7 +145,7 @@ def next_line(rng, plays):
             f"\"{lines[k]}\"? Answer with only that line.", lines[k + 1], 'text')
 
 
-def tool_call(rng, plays):
+def tool_call(rng, src):
     name = rng.choice(list(TOOLS))
     about, params = TOOLS[name]
     if name in ('get_weather', 'get_time'):
@@ -174,10 +172,14 @@ TASKS = [arithmetic, word_problem, count_words, larger, alphabetical, first_lett
 
 def make_prompts(n_train, n_val, seed=0):
     """{'train': [...], 'val': [...]} of {kind, prompt, answer, check}, tasks in turn. No prompt is in both
-    splits (nor twice in one); the val passages come from the held-out plays, the train ones from the rest."""
-    plays = {'train': [], 'val': []}
-    for name, text in shakespeare.read_plays():
-        plays['val' if name in shakespeare.VAL_PLAYS else 'train'].append(speeches(text))
+    splits (nor twice in one); the val passages come from the held-out plays, the train ones from the rest.
+    Word tasks draw from the plays' common words (lowercase, 4-9 letters, 20+ uses): thousands of them."""
+    plays = shakespeare.read_plays()
+    counts = Counter(w for _, text in plays for w in re.findall(r"\b[a-z]{4,9}\b", text))
+    words = sorted(w for w, c in counts.items() if c >= 20)
+    src = {split: {'words': words, 'speeches': [speeches(text) for name, text in plays
+                                                 if (name in shakespeare.VAL_PLAYS) == (split == 'val')]}
+           for split in ('train', 'val')}
     rng, seen, out = random.Random(seed), set(), {}
     for split, n in (('val', n_val), ('train', n_train)):
         out[split] = []
@@ -185,7 +187,7 @@ def make_prompts(n_train, n_val, seed=0):
             if len(out[split]) == n:
                 break
             task = TASKS[len(out[split]) % len(TASKS)]
-            prompt, answer, check = task(rng, plays[split])
+            prompt, answer, check = task(rng, src[split])
             if prompt not in seen:
                 seen.add(prompt)
                 out[split].append({'kind': task.__name__, 'prompt': prompt, 'answer': answer, 'check': check})
