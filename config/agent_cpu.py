@@ -3,7 +3,7 @@
 # padded chat examples, the loss on the assistant's tokens only, the teacher's logits on its own
 # greedy answers.
 #
-#   python data/agent/prepare.py            # once: the teacher answers 4,620 prompts (~N min)
+#   python data/agent/prepare.py            # once: the teacher answers 2,860 prompts (~12 min)
 #   python train.py config/agent_cpu.py     # ~15 min on 2 CPU cores (Xeon, AVX-512 bf16)
 #   python eval.py --ckpt out-agent/best.pt
 #   python sample.py --ckpt out-agent/best.pt --chat --prompt "What is 12 + 7? Answer with only the number."

@@ -290,7 +290,7 @@ def pad_fraction(lengths, batch_size, rng, batches=500):
     return 1.0 - picks.sum() / (picks.max(axis=1).sum() * batch_size)
 
 
-def prepare(teacher, out_dir=None, n_train=4400, n_val=220, batch_size=32, max_new_tokens=64, device='auto', seed=0):
+def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_new_tokens=64, device='auto', seed=0):
     """Make the agent dataset for teacher (a spec teacher.py understands) in out_dir; return out_dir."""
     out_dir = pathlib.Path(out_dir) if out_dir else HERE / teacher_lib.teacher_slug(teacher)
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
@@ -354,7 +354,7 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     parser.add_argument('--teacher', default='smollm2-135m-instruct', help='teacher spec (see teacher.py)')
     parser.add_argument('--out_dir', default=None, help='default: data/agent/<teacher slug>/')
-    parser.add_argument('--n_train', type=int, default=4400)
+    parser.add_argument('--n_train', type=int, default=2640)
     parser.add_argument('--n_val', type=int, default=220)
     parser.add_argument('--batch_size', type=int, default=32, help='prompts the teacher answers at once')
     parser.add_argument('--max_new_tokens', type=int, default=64, help='longest teacher answer')
