@@ -69,7 +69,7 @@ def batches(path, meta, split, block_size, batch_size, max_tokens):
 @torch.no_grad()
 def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, batch_size, max_tokens, device, autocast):
     """Sums over the counted targets for every student and the teacher -> the metrics per model."""
-    t_model, t_head = teacher
+    t_model, t_head = teacher[0], teacher[1].float()
     sums = defaultdict(float)
     for x, am, lm in batches(path, meta, split, block_size, batch_size, max_tokens):
         x, am = x.to(device), am.to(device)
@@ -87,7 +87,7 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
                 hs.append(model.hidden_states(x, am)[:, :-1][count])
         for i in range(0, len(y), 512):  # rows at a time: (512, V) logits, never (tokens, V)
             yi = y[i:i + 512]
-            t_logp = F.log_softmax((th[i:i + 512].float() @ t_head.float().T)[:, :students[0].config.vocab_size], -1)
+            t_logp = F.log_softmax((th[i:i + 512].float() @ t_head.T)[:, :students[0].config.vocab_size], -1)
             sums['teacher_nll'] += -t_logp.gather(1, yi[:, None]).sum().item()
             for k, (model, h) in enumerate(zip(students, hs)):
                 s_logp = F.log_softmax(model.head(h[i:i + 512].float()).float(), -1)
@@ -167,6 +167,8 @@ def main():
     parser.add_argument('--max_answers', type=int, default=0, help='chat data: grade only the first N prompts; 0 = all')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    parser.add_argument('--teacher_quantization', default='', help="'' = as trained; 'none' to run a 4-bit-trained "
+                        "student's teacher unquantized (e.g. on CPU)")
     parser.add_argument('--json', default='', help="write the results here (default: eval.json beside the first checkpoint)")
     args = parser.parse_args()
 
@@ -180,7 +182,7 @@ def main():
     device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
     autocast = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     t_model, tokenizer, enc = load_teacher(first['teacher'], dtype=ptdtype, device=args.device,
-                                           quantization=first.get('teacher_quantization', 'none'))
+                                           quantization=args.teacher_quantization or first['teacher_quantization'])
     if tokenizer_hash(tokenizer) != ckpts[0]['tokenizer_hash']:
         raise SystemExit(f"indra: the tokenizer of teacher {first['teacher']!r} has changed since {args.ckpt[0]} was "
                          f"trained; point the teacher spec at the original")

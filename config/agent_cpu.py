@@ -20,9 +20,9 @@ gradient_accumulation_steps = 1
 
 learning_rate = 2e-3
 min_lr = 2e-4
-max_iters = 600
+max_iters = 420
 warmup_iters = 20
-eval_interval = 100
+eval_interval = 140
 eval_iters = 8
 log_interval = 20
 

@@ -256,6 +256,8 @@ def generate(model, tok, enc, prompts, cache_path, stop_ids, batch_size, max_new
             except json.JSONDecodeError:  # the last line of a killed run, cut short
                 continue
             done[r['prompt']] = r
+        # rewritten with the whole lines only: appending after a cut line would glue the next one to it
+        teacher_lib.write_atomic(cache_path, ''.join(json.dumps(r) + '\n' for r in done.values()).encode('utf-8'))
     todo = sorted({p for p in prompts if p not in done}, key=len)  # similar lengths batch with less padding
     if not todo:
         return done
