@@ -221,7 +221,7 @@ def main():
         results['teacher']['answers'] = answer_metrics(grader, examples, t_answers, t_ids)
         print(f"\n{len(examples)} held-out prompts answered greedily (teacher: its answers recorded by prepare.py)")
         print(f"{'model':<42} {'exact':>6} {'= teacher':>9} {'JSON ok':>7} {'distinct-2':>10} {'top tok':>7} "
-              f"{'collapsed':>9} {'same answer':>11}")
+              f"{'collapsed':>9} {'most common':>11}")
         rows = [('teacher ' + first['teacher'], results['teacher']['answers'], None)]
         for s, m, c in zip(results['students'], students, ckpts):
             got = answer(m, tokenizer, enc, [e['prompt'] for e in examples], c['eos_id'], meta.get('max_new_tokens', 64),

@@ -213,15 +213,16 @@ def extract(response, check):
 
 
 def parse_json(response):
-    """The first JSON object in a response (code fences and surrounding words allowed), or None."""
+    """The JSON object that starts at the response's first '{' (words or code fences around it are allowed), or
+    None. Only the first: an object nested in a broken call must not pass for a call."""
     start = response.find('{')
-    while start != -1:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(response[start:])
-            return obj if isinstance(obj, dict) else None
-        except json.JSONDecodeError:
-            start = response.find('{', start + 1)
-    return None
+    if start == -1:
+        return None
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(response[start:])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def score(example, response):
