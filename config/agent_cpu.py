@@ -4,7 +4,8 @@
 # greedy answers.
 #
 #   python data/agent/prepare.py            # once: the teacher answers 2,860 prompts (~12 min)
-#   python train.py config/agent_cpu.py     # ~15 min on 2 CPU cores (Xeon, AVX-512 bf16)
+#   python train.py config/agent_cpu.py     # 17.5 min on 2 CPU cores (Xeon, AVX-512 bf16): val CE 10.9 -> 2.1
+#                                           # (the teacher: 0.62 on its own answers)
 #   python eval.py --ckpt out-agent/best.pt
 #   python sample.py --ckpt out-agent/best.pt --chat --prompt "What is 12 + 7? Answer with only the number."
 out_dir = 'out-agent'

@@ -10,6 +10,8 @@
 # point at a local copy instead:
 #   python train.py config/indra_agent.py --teacher=/path/to/Qwen2.5-0.5B-Instruct
 #   python train.py config/indra_agent.py --teacher=/path/to/qwen2.5-0.5b-instruct.gguf --teacher_quantization=none
+# The first run makes the agent data with this teacher's own answers (data/agent/prepare.py, the teacher
+# in bf16 on the GPU), then evaluate with: python eval.py --ckpt out-indra-agent/best.pt
 # Wiring check on a CPU with the embedded teacher (a minute or two):
 #   python train.py config/indra_agent.py --teacher=smollm2-135m-instruct --dataset=shakespeare \
 #       --device=cpu --teacher_quantization=none --max_iters=2 --gradient_accumulation_steps=2 --eval_iters=1
