@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -45,7 +45,7 @@ runs = [(seed, w) for seed in args.seeds for w in (kd, 0.0)]
 for i, (seed, w) in enumerate(runs):
     run_dir = out / f"kd{w:g}-seed{seed}"
     ckpt = run_dir / 'ckpt.pt'
-    state = torch.load(ckpt, map_location='cpu', weights_only=True) if ckpt.exists() else None
+    state = load_checkpoint(ckpt) if ckpt.exists() else None  # an unreadable one is one line
     if state is not None and state['iter_num'] >= max_iters and state['evaluated']:
         print(f"[{i + 1}/{len(runs)}] {run_dir}: finished earlier, kept")
         continue

@@ -208,3 +208,17 @@ def test_agent_train_eval_and_chat_sample(agent_data, tiny_teacher, tmp_path):
     text = run('sample.py', f'--ckpt={tmp_path / "out" / "best.pt"}', '--chat', '--prompt=What is 2 + 3?',
                '--max_new_tokens=5', '--num_samples=1')
     assert 'user: What is 2 + 3?' in text and '\nstudent: ' in text and '\nteacher: ' in text
+
+
+def test_kd_vs_ce_pairs_the_runs_and_keeps_finished_ones(tiny_teacher, tiny_data, tmp_path):
+    train_args = [a for a in tiny_args(tiny_teacher, tiny_data, tmp_path, max_iters=3, warmup_iters=1)
+                  if not a.startswith(('--out_dir=', '--eval_interval='))]  # kd_vs_ce.py sets these per run
+    args = ['kd_vs_ce.py', '--seeds', '1', '2', '--out_dir', tmp_path, '--', *train_args]
+    stdout = run(*args)
+    r = json.loads((tmp_path / 'eval.json').read_text())
+    pairs = sorted((s['seed'], s['kd_weight']) for s in r['students'])
+    assert pairs == [(1, 0.0), (1, 0.9), (2, 0.0), (2, 0.9)]  # each seed with the config's kd_weight and with 0
+    assert '| mean |' in stdout and 'every KD run beat every CE-only run: ' in stdout
+    assert all(s['step'] == 3 for s in r['students'])
+    again = run(*args)  # finished runs are kept, not trained again
+    assert again.count('finished earlier, kept') == 4
