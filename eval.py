@@ -178,6 +178,9 @@ def main():
         if c['tokenizer_hash'] != ckpts[0]['tokenizer_hash'] or data_dir(c['config']) != data_dir(first):
             raise SystemExit(f"indra: {path} was trained on other data or another tokenizer than {args.ckpt[0]}; "
                              f"evaluate them in separate runs")
+    path = data_dir(first)
+    if not (path / f'{args.split}.bin').exists():
+        raise SystemExit(f"indra: {path} has no split {args.split!r} ({args.split}.bin); use --split=val or --split=train")
     ptdtype = getattr(torch, args.dtype)
     device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
     autocast = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
@@ -191,7 +194,6 @@ def main():
         m = Indra(IndraConfig(**c['model_args']))
         m.load_state_dict(c['model'])
         students.append(m.to(args.device).eval())
-    path = data_dir(first)
     meta = json.loads((path / 'meta.json').read_text())
     block_size = min(m.config.block_size for m in students)
     tok_bytes = token_bytes(tokenizer, students[0].config.vocab_size)
