@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from losses import pad_examples
+from losses import counted_tokens, pad_examples
 from model import Indra, IndraConfig, load_checkpoint
 from monitor import collapsed, repetition
-from teacher import encode, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
+from teacher import chat_batch, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,9 +73,7 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
     sums = defaultdict(float)
     for x, am, lm in batches(path, meta, split, block_size, batch_size, max_tokens):
         x, am = x.to(device), am.to(device)
-        count = am[:, :-1].bool() & am[:, 1:].bool()  # a real position predicting a real token
-        if lm is not None:
-            count &= lm[:, 1:].to(device).bool()
+        count = counted_tokens(x, am, None if lm is None else lm.to(device))[:, :-1].bool()  # the loss's own rule
         y = x[:, 1:][count]  # (N,) the targets that count
         with autocast:
             th = teacher_hidden(t_model, x, am)[:, :-1][count]
@@ -118,14 +116,10 @@ def answer(model, tokenizer, enc, prompts, eos_id, max_new_tokens, batch_size, d
     """The student's greedy answers to chat prompts: [(token ids, text)], prompts left-padded in batches."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [encode(enc, tokenizer, tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
-                                                                    add_generation_prompt=True))
-               for p in prompts[i:i + batch_size]]
-        L = max(map(len, ids))
-        x = torch.tensor([[eos_id] * (L - len(r)) + r for r in ids], device=device)
-        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in ids], device=device)
+        x, am = chat_batch(enc, tokenizer, prompts[i:i + batch_size], eos_id, device)
         with autocast:
-            new = model.generate(x, max_new_tokens, temperature=0, eos_id=eos_id, attention_mask=am)[:, L:].tolist()
+            new = model.generate(x, max_new_tokens, temperature=0, eos_id=eos_id, attention_mask=am)
+        new = new[:, x.shape[1]:].tolist()
         for row in new:
             row = row[:row.index(eos_id)] if eos_id in row else row
             out.append((row, tokenizer.decode(row, skip_special_tokens=True).strip()))
@@ -153,8 +147,10 @@ def answer_metrics(grader, examples, responses, ids=None):
 
 def agreement(grader, examples, student, teacher):
     """Share of prompts where the student's extracted answer is the teacher's (both must have one)."""
-    same = [grader.extract(s, e['check']) is not None and grader.extract(s, e['check']) == grader.extract(t, e['check'])
-            for e, s, t in zip(examples, student, teacher)]
+    same = []
+    for e, s, t in zip(examples, student, teacher):
+        mine = grader.extract(s, e['check'])
+        same.append(mine is not None and mine == grader.extract(t, e['check']))
     return float(np.mean(same))
 
 

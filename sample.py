@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model import EMA, Indra, IndraConfig, load_checkpoint
-from teacher import encode, load_teacher, load_tokenizer, tokenizer_hash
+from teacher import chat_prompt, encode, load_teacher, load_tokenizer, tokenizer_hash
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--ckpt', default='out/best.pt', help='checkpoint written by train.py')
@@ -56,7 +56,7 @@ if tokenizer_hash(tokenizer) != ckpt['tokenizer_hash']:
 
 if args.chat:
     prompt = args.prompt or "Write one line of verse about the sea."
-    text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False, add_generation_prompt=True)
+    text = chat_prompt(tokenizer, prompt)
 else:
     text = args.prompt or "ROMEO:\nBut soft, what light"
 ids = encode(enc, tokenizer, text)  # the chat template's special tokens become their ids, as in the teacher's tokenizer

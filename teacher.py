@@ -375,6 +375,23 @@ def encode(enc, tokenizer, text):
     return enc.encode(text, allowed_special='all')
 
 
+def chat_prompt(tokenizer, prompt):
+    """One user turn in the teacher's chat template, ending where the assistant's answer begins. Data prep,
+    training's collapse watch, eval.py and sample.py all format prompts here, so they match token for token."""
+    return tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_batch(enc, tokenizer, prompts, pad_id, device='cpu'):
+    """Chat prompts as one generation batch: ids (B, L) left-padded with pad_id and attention mask (B, L), so
+    every prompt ends at the last column and the answers start together."""
+    ids = [encode(enc, tokenizer, chat_prompt(tokenizer, p)) for p in prompts]
+    L = max(map(len, ids))
+    x = torch.tensor([[pad_id] * (L - len(r)) + r for r in ids], device=device)
+    am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in ids], device=device)
+    return x, am
+
+
 def check_same_ids(enc, tokenizer, texts):
     """Prove encode() with enc equals the HF tokenizer on every text; return (tiktoken, hf) tokens per second.
     Both are timed one text at a time on one thread, the way prepare.py runs them."""

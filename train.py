@@ -35,8 +35,8 @@ from losses import DistillationLoss, Teacher, pad_examples
 from model import EMA, Indra, IndraConfig, load_checkpoint
 from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
                      teacher_flops_per_token)
-from teacher import (build_targets, check_linear_head, encode, load_teacher, teacher_hidden, teacher_slug,
-                     tokenizer_hash, write_atomic)
+from teacher import (build_targets, chat_prompt, check_linear_head, encode, load_teacher, teacher_hidden,
+                     teacher_slug, tokenizer_hash, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -457,8 +457,7 @@ def watch():
     with torch.random.fork_rng(devices=gpus):  # training's RNG is untouched
         torch.manual_seed(seed)
         for prompt in WATCH_PROMPTS['chat' if chat else 'text']:
-            text = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False,
-                                                 add_generation_prompt=True) if chat else prompt
+            text = chat_prompt(tokenizer, prompt) if chat else prompt
             ids = encode(tokenizer_enc, tokenizer, text)[-(block_size // 2):]
             with autocast:
                 out = model.generate(torch.tensor([ids], device=device), watch_tokens, temperature=1.0)

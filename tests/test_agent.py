@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from losses import DistillationLoss, Teacher, counted_tokens, pad_examples
 from model import Indra, IndraConfig
-from teacher import token_bytes
+from teacher import chat_prompt, token_bytes
 from test_train import ROOT, run, tiny_args
 
 
@@ -52,7 +52,7 @@ def test_examples_are_the_chat_prompt_then_the_teachers_answer(agent_data, tiny_
         assert (spans[1:, 0] == spans[:-1, 0] + spans[:-1, 1]).all()  # one after another, nothing in between
         for (start, length), e in zip(spans, examples):
             ids, m = data[start:start + length].tolist(), mask[start:start + length]
-            prompt = tok(agent.chat_prompt(tok, e['prompt']), add_special_tokens=False).input_ids
+            prompt = tok(chat_prompt(tok, e['prompt']), add_special_tokens=False).input_ids
             assert ids[:len(prompt)] == prompt and not m[:len(prompt)].any()  # the prompt: context, never a target
             assert m[len(prompt):].all() and length > len(prompt)  # the answer (and its end of turn): all targets
             answer = ids[len(prompt):]

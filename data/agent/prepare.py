@@ -141,7 +141,7 @@ def next_line(rng, src):
         if 3 <= len(lines) <= 6 and max(len(line) for line in lines) < 70 and len(set(lines)) == len(lines):
             break
     k = rng.randrange(len(lines) - 1)
-    return (f"Read these lines from a play:\n" + '\n'.join(lines) + f"\n\nWhich line comes right after "
+    return ("Read these lines from a play:\n" + '\n'.join(lines) + f"\n\nWhich line comes right after "
             f"\"{lines[k]}\"? Answer with only that line.", lines[k + 1], 'text')
 
 
@@ -241,10 +241,6 @@ def end_of_turn(tok):
     return ids[0]
 
 
-def chat_prompt(tok, prompt):
-    return tok.apply_chat_template([{'role': 'user', 'content': prompt}], tokenize=False, add_generation_prompt=True)
-
-
 @torch.no_grad()
 def generate(model, tok, enc, prompts, cache_path, stop_ids, batch_size, max_new_tokens):
     """{prompt: {'ids': the teacher's greedy answer tokens, 'ended': whether it closed its turn}}, read from
@@ -268,12 +264,9 @@ def generate(model, tok, enc, prompts, cache_path, stop_ids, batch_size, max_new
     with open(cache_path, 'a', encoding='utf-8') as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            ids = [teacher_lib.encode(enc, tok, chat_prompt(tok, p)) for p in batch]
-            L = max(map(len, ids))
-            x = torch.tensor([[pad] * (L - len(r)) + r for r in ids], device=device)  # left-padded
-            am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in ids], device=device)
+            x, am = teacher_lib.chat_batch(enc, tok, batch, pad, device)
             out = model.generate(input_ids=x, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop_ids, pad_token_id=pad)[:, L:].tolist()
+                                 eos_token_id=stop_ids, pad_token_id=pad)[:, x.shape[1]:].tolist()
             for p, new in zip(batch, out):
                 stop = next((j for j, t in enumerate(new) if t in stop_ids), None)
                 r = {'prompt': p, 'ids': new if stop is None else new[:stop], 'ended': stop is not None}
@@ -314,22 +307,22 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
     dtype = shakespeare.token_dtype(max_id)
     stats = {}
     for split, examples in splits.items():
-        ids, spans, mask, lines = [], [], [], []
+        ids, spans, mask, rows = [], [], [], []
         for e in examples:
             r = answers[e['prompt']]
-            prompt = teacher_lib.encode(enc, tok, chat_prompt(tok, e['prompt']))
+            prompt = teacher_lib.encode(enc, tok, teacher_lib.chat_prompt(tok, e['prompt']))
             answer = r['ids'] + ([eot] if r['ended'] else [])  # the teacher's own tokens, as it generated them
             spans.append((len(ids), len(prompt) + len(answer)))
             ids += prompt + answer
             mask += [0] * len(prompt) + [1] * len(answer)
             e = {**e, 'response': tok.decode(r['ids'], skip_special_tokens=True).strip(), 'ended': r['ended']}
             e['teacher_correct'] = score(e, e['response'])
-            lines.append(json.dumps(e) + '\n')
+            rows.append(e)
         teacher_lib.write_atomic(out_dir / f'{split}.bin', shakespeare.to_array(ids, dtype).tobytes())
         teacher_lib.write_atomic(out_dir / f'{split}.idx', np.array(spans, dtype=np.int64).tobytes())
         teacher_lib.write_atomic(out_dir / f'{split}.mask.bin', np.array(mask, dtype=np.uint8).tobytes())
-        teacher_lib.write_atomic(out_dir / f'{split}.jsonl', ''.join(lines).encode('utf-8'))
-        stats[split] = (np.array(spans)[:, 1], np.array(mask), [json.loads(line) for line in lines])
+        teacher_lib.write_atomic(out_dir / f'{split}.jsonl', ''.join(json.dumps(e) + '\n' for e in rows).encode('utf-8'))
+        stats[split] = (np.array(spans)[:, 1], np.array(mask), rows)
     meta = {'teacher': teacher, 'tokenizer_hash': teacher_lib.tokenizer_hash(tok), 'vocab_size': len(tok),
             'dtype': np.dtype(dtype).name, 'eos_id': int(eot), 'format': 'examples', 'chat': True,
             'train_examples': n_train, 'val_examples': n_val, 'max_new_tokens': max_new_tokens, 'seed': seed}
@@ -346,7 +339,7 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
     for b in (8, 16, 32):
         print(f"padding: {pad_fraction(stats['train'][0], b, rng):.0%} of the tokens in a batch of {b} random "
               f"training examples")
-    print(f"teacher exact match by task (train): " + ', '.join(
+    print("teacher exact match by task (train): " + ', '.join(
         f"{k} {np.mean([e['teacher_correct'] for e in stats['train'][2] if e['kind'] == k]):.0%}"
         for k in [t.__name__ for t in TASKS]))
     print(f"done in {time.time() - t0:.0f}s -> {out_dir}")
