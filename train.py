@@ -8,6 +8,8 @@ The seed 000 agent recipe (Qwen2.5-0.5B-Instruct teacher in 4-bit, one GPU with 
 Override any global below, then resume an interrupted run:
     python train.py config/shakespeare.py --max_iters=400 --kd_weight=0.7
     python train.py config/shakespeare.py --init_from=resume
+Data-parallel on N GPUs of one node (or N CPU processes, gloo), the same global batch as one process:
+    torchrun --standalone --nproc_per_node=N train.py config/indra_agent.py
 
 One optimizer step = batch_size x block_size tokens per micro-step x gradient_accumulation_steps.
 The loss is (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher_T || student_T), see losses.py.
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from losses import DistillationLoss, Teacher, pad_examples
@@ -60,12 +64,13 @@ dataset = 'shakespeare'  # data/<dataset>/prepare.py makes the token files
 data_dir = ''  # token files; '' = data/<dataset>/<teacher slug>/, prepared on first use
 batch_size = 8  # sequences per micro-step
 block_size = 256  # tokens per sequence
-gradient_accumulation_steps = 4  # micro-steps per optimizer step
+gradient_accumulation_steps = 4  # micro-steps per optimizer step, over all ranks together (torchrun)
 total_batch_size = 0  # tokens per optimizer step; 0 = the three above multiplied, else it sets gradient_accumulation_steps
 curriculum = 0.0  # example data: for this share of training draw the shortest examples first (seeds 001/002); 0 = off
 # teacher
 teacher = 'smollm2-135m-instruct'  # embedded name | local model dir | path/to/model.gguf | hub id
 teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA only)
+teacher_device_map = ''  # '' = the teacher on device | 'auto': spread over all visible GPUs (too large for one; no torchrun)
 teacher_targets = 'live'  # 'live': the teacher runs every step | 'cache': its top-k targets, computed once (teacher.py --cache)
 targets_top_k = 64  # tokens per position kept in the cache
 # student
@@ -123,6 +128,22 @@ if device == 'auto':
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
     fail(f"--device={device} but no CUDA GPU is visible; use --device=cpu")
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Every rank draws the whole global batch order from the same
+# generator and loads only its share of the micro-steps, so N ranks train on exactly the batches of one process.
+ddp = 'RANK' in os.environ
+rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+master = rank == 0  # the one rank that prints, logs and writes checkpoints
+if ddp:
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'  # one GPU per rank
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    if not master:
+        sys.stdout = open(os.devnull, 'w')  # errors still reach stderr
+    if teacher_device_map:
+        fail("--teacher_device_map=auto spreads one teacher over every GPU, so it cannot run once per rank; "
+             "build the targets cache with it in one process (python teacher.py --cache --device_map=auto), "
+             "then train on N ranks with --teacher_targets=cache")
 if dtype not in ('bfloat16', 'float16', 'float32'):
     fail(f"--dtype={dtype!r}: choose bfloat16, float16 or float32")
 if dtype == 'float16' and device_type == 'cpu':
@@ -142,6 +163,10 @@ if total_batch_size:  # stated in tokens (STYLE 6): the accumulation follows fro
         fail(f"--total_batch_size={total_batch_size} must be a positive multiple of batch_size x block_size = "
              f"{batch_size * block_size} tokens, e.g. {4 * batch_size * block_size}")
     gradient_accumulation_steps = config['gradient_accumulation_steps'] = total_batch_size // (batch_size * block_size)
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is shared among {world_size} ranks, so it must be "
+         f"a multiple of {world_size}; use --gradient_accumulation_steps={world_size * -(-gradient_accumulation_steps // world_size)}")
+micro_steps = gradient_accumulation_steps // world_size  # per rank and optimizer step
 schedule_iters = lr_decay_iters or max_iters  # the length of every schedule: LR, KD warmup, temperature, curriculum
 if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
     fail(f"learning_rate={learning_rate} must be > 0 and min_lr={min_lr} in [0, learning_rate]")
@@ -183,16 +208,20 @@ if device_type == 'cuda' and dtype == 'bfloat16' and not torch.cuda.is_bf16_supp
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per optimizer step: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation "
-      f"x {batch_size} sequences x {block_size} tokens; device {device}, {dtype}")
+      f"x {batch_size} sequences x {block_size} tokens; device {device}, {dtype}"
+      + (f"; {world_size} ranks ({dist.get_backend()}), {micro_steps} micro-steps each" if ddp else ""))
 
 # ---- teacher and data --------------------------------------------------------
+if not master:
+    dist.barrier()  # rank 0 fetches, converts and prepares first; the others then find everything done
 t0 = time.time()
-teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device, quantization=teacher_quantization)
+teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device, quantization=teacher_quantization,
+                                                       device_map=teacher_device_map)
 teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]  # the logit width, may exceed len(tokenizer)
 print(f"teacher {teacher}: {sum(p.numel() for p in teacher_model.parameters()) / 1e6:.1f}M parameters, "
       f"{teacher_vocab} logits, loaded in {time.time() - t0:.1f}s")
 check_linear_head(teacher_model, len(tokenizer))
-teacher_head = teacher_model.get_output_embeddings().weight  # (V', C_teacher)
+teacher_head = teacher_model.get_output_embeddings().weight.to(device)  # (V', C_teacher); a copy if device-mapped
 
 data_path = Path(data_dir) if data_dir else ROOT / 'data' / dataset / teacher_slug(teacher)
 if not (data_path / 'meta.json').exists():
@@ -204,6 +233,8 @@ if not (data_path / 'meta.json').exists():
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     prepare.prepare(teacher, data_path)
+if ddp and master:
+    dist.barrier()
 meta = json.loads((data_path / 'meta.json').read_text())
 if meta['tokenizer_hash'] != tokenizer_hash(tokenizer):
     fail(f"token files in {data_path} were made for tokenizer {meta['tokenizer_hash']} ({meta['teacher']}), "
@@ -246,29 +277,34 @@ def curriculum_pool(it):
     return n if progress >= 1 else max(1, math.ceil(n * (0.1 + 0.9 * progress)))
 
 
-def get_example_batch(split, generator, it):
+def get_example_batch(split, generator, it, load):
     """batch_size examples, right-padded with eos to the longest (at most block_size): ids (B, L), attention
     mask (B, L) 1 on real tokens, loss mask (B, L) 1 on the tokens to learn (the answer)."""
-    data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')
-    mask = np.memmap(data_path / f'{split}.mask.bin', dtype=np.uint8, mode='r')
     spans, order = by_length[split]
     pool = curriculum_pool(it) if split == 'train' else len(order)
     picks = order[torch.randint(pool, (batch_size,), generator=generator).numpy()]
+    if not load:
+        return None
+    data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')
+    mask = np.memmap(data_path / f'{split}.mask.bin', dtype=np.uint8, mode='r')
     x, am, lm = pad_examples(data, mask, spans[picks].tolist(), block_size, meta['eos_id'])
     return x.to(device), am.to(device), lm.to(device), None
 
 
-def get_batch(split, generator, it=0):
+def get_batch(split, generator, it=0, load=True):
     """(ids (B, T), attention mask, loss mask, cached teacher targets): batch_size windows of block_size tokens
     of a text stream (all real tokens: no masks; the targets when training on the cache, else None), or padded
-    examples (get_example_batch). The loss shifts by one inside."""
+    examples (get_example_batch). The loss shifts by one inside. load=False draws the batch from generator
+    without reading it (another rank's share) and returns None."""
     if examples:
-        return get_example_batch(split, generator, it)
+        return get_example_batch(split, generator, it, load)
     data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')  # re-opened: np.memmap leaks otherwise
     if split == 'train' and cache is not None:  # the cache holds whole aligned blocks
         ix = torch.randint(cache['blocks'], (batch_size,), generator=generator) * block_size
     else:
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    if not load:
+        return None
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()]).to(device)
     if split != 'train' or cache is None:
         return x, None, None, None
@@ -358,10 +394,24 @@ if checkpoint is not None:
 criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp)
 eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens, logit_clamp=logit_clamp)
 eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)  # for the teacher: no clamp
-hidden_states = model.hidden_states  # (B, T) ids -> (B, T, C); the loss applies the tied head itself
+
+
+class HiddenStates(torch.nn.Module):
+    """The student up to its final hidden states: (B, T) ids -> (B, T, C); the loss applies the tied head itself.
+    A module of its own because DDP synchronizes gradients through a module's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, attention_mask=None):
+        return self.model.hidden_states(idx, attention_mask)
+
+
+hidden_states = HiddenStates(model)
 if compile:
     try:  # compile now, on a real batch, so that the first timed step is not the compilation
-        hidden_states = torch.compile(model.hidden_states)
+        hidden_states = torch.compile(HiddenStates(model))
         with torch.random.fork_rng(), autocast:  # leaves the RNG as it was (dropout draws from it)
             x, am, _, _ = get_batch('val', torch.Generator().manual_seed(0))
             hidden_states(x, am).sum().backward()
@@ -369,7 +419,9 @@ if compile:
     except Exception as e:  # no C++ compiler, an unsupported platform: say so and run eager
         print(f"indra: torch.compile is unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               f"running the student uncompiled")
-        hidden_states = model.hidden_states
+        hidden_states = HiddenStates(model)
+# training runs through DDP, which averages the gradients over the ranks in backward; evaluation does not need it
+train_hidden = DDP(hidden_states, broadcast_buffers=False) if ddp else hidden_states
 
 
 def get_lr(it):
@@ -399,7 +451,16 @@ def get_temperature(it):
 
 def run_teacher(x, attention_mask=None):
     with torch.no_grad(), autocast:
-        return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask), head=teacher_head)
+        return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask).to(device), head=teacher_head)
+
+
+def all_sum(t):
+    """A CPU tensor summed over all ranks (itself in a single process); NCCL reduces on the GPU only."""
+    if not ddp:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 held_out = None  # (batches with the teacher's targets, teacher CE): made at the first evaluation, then reused
@@ -409,18 +470,22 @@ held_out = None  # (batches with the teacher's targets, teacher CE): made at the
 def held_out_batches():
     """eval_iters fixed held-out batches, each with the teacher's final hidden states, and the teacher's CE on them.
     The batches are the same at every evaluation and the teacher is frozen, so its forward runs once per run
-    (a few MB of hidden states), not at every evaluation and again for the EMA weights."""
+    (a few MB of hidden states), not at every evaluation and again for the EMA weights.
+    Under torchrun each rank keeps every world_size-th batch; the sums are then taken over all ranks."""
     global held_out
     if held_out is None:
         gen = torch.Generator().manual_seed(seed + 1)
         batches, t_ce = [], torch.zeros(())
-        for _ in range(eval_iters):
-            x, am, lm, _ = get_batch('val', gen)
+        for i in range(eval_iters):
+            batch = get_batch('val', gen, load=i % world_size == rank)
+            if batch is None:
+                continue
+            x, am, lm, _ = batch
             t = run_teacher(x, am)
             with autocast:
                 t_ce += eval_ce(t.hidden, t.head[:model.config.vocab_size], x, am, lm)[1].float().cpu()
             batches.append((x, am, lm, t))
-        held_out = batches, (t_ce / eval_iters).item()
+        held_out = batches, (all_sum(t_ce) / eval_iters).item()
     return held_out
 
 
@@ -435,7 +500,7 @@ def evaluate():
             _, ce, kl = eval_kl(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
         totals += torch.stack([ce.float().cpu(), kl.float().cpu()])
     model.train()
-    ce, kl = (totals / eval_iters).tolist()
+    ce, kl = (all_sum(totals) / eval_iters).tolist()
     return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce, 'teacher_val_ppl': math.exp(t_ce)}
 
 
@@ -469,7 +534,10 @@ def watch():
 
 def save(path, evaluated):
     """Write atomically: a reader (or a crash) never sees half a checkpoint. evaluated: whether the evaluation
-    at iter_num is done (a resume then skips it)."""
+    at iter_num is done (a resume then skips it). Only rank 0 writes: every rank holds the same weights, and
+    the batch order is global, so the checkpoint resumes on any number of ranks."""
+    if not master:
+        return
     numpy_state = np.random.get_state()
     rng = {'data': data_gen.get_state(), 'torch': torch.get_rng_state(),
            'python': list(random.getstate()), 'numpy': torch.from_numpy(numpy_state[1].copy()),
@@ -531,15 +599,17 @@ peak, peak_src = peak_flops(device, ptdtype)
 print(f"FLOPs per token: student {student_flops / 1e6:.1f}M (fwd+bwd) + teacher {teacher_flops / 1e6:.1f}M (fwd); "
       f"MFU against {'%.2f TFLOP/s' % (peak / 1e12) if peak else 'no peak'}: {peak_src}")
 
-out_path.mkdir(parents=True, exist_ok=True)
-(out_path / 'config.json').write_text(json.dumps(config, indent=2))
-if init_from == 'scratch':
-    (out_path / 'log.jsonl').unlink(missing_ok=True)
-    (out_path / 'training.png').unlink(missing_ok=True)
-else:
-    trim_log()
-records = Records(out_path, config, resume=init_from == 'resume', wandb_log=wandb_log, wandb_project=wandb_project,
-                  wandb_run_name=wandb_run_name, wandb_mode=wandb_mode, aim_log=aim_log, aim_repo=aim_repo)
+records = None  # rank 0 logs
+if master:
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / 'config.json').write_text(json.dumps(config, indent=2))
+    if init_from == 'scratch':
+        (out_path / 'log.jsonl').unlink(missing_ok=True)
+        (out_path / 'training.png').unlink(missing_ok=True)
+    else:
+        trim_log()
+    records = Records(out_path, config, resume=init_from == 'resume', wandb_log=wandb_log, wandb_project=wandb_project,
+                      wandb_run_name=wandb_run_name, wandb_mode=wandb_mode, aim_log=aim_log, aim_repo=aim_repo)
 if plot:
     from plot import draw
 signal.signal(signal.SIGINT, request_stop)
@@ -566,12 +636,13 @@ while True:
             line += f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}"
         improved = stats['val_ce'] < best_val - min_delta
         best_val, bad_evals = (stats['val_ce'], 0) if improved else (best_val, bad_evals + 1)
-        if watch_tokens:
+        if watch_tokens and master:
             samples = watch()
             stats['watch'] = samples
             stats['watch_distinct_2'] = min(r['distinct_2'] for r in samples)
             stats['watch_top_share'] = max(r['top_share'] for r in samples)
-        records.log({'iter': iter_num, **stats})
+        if master:
+            records.log({'iter': iter_num, **stats})
         print(line + ('  *best*' if improved else ''), flush=True)
         for r in stats.get('watch', []):
             print(f"  watch: {r['sample'][:100]!r} (distinct-2 {r['distinct_2']:.2f}, top token {r['top_share']:.0%})")
@@ -582,7 +653,7 @@ while True:
         if improved:
             save(out_path / 'best.pt', evaluated=True)
         save(out_path / 'ckpt.pt', evaluated=True)
-        if plot:
+        if plot and master:
             draw(out_path)
         if patience and bad_evals >= patience:
             print(f"early stop: val CE has not improved by more than {min_delta} for {patience} evaluations")
@@ -593,19 +664,27 @@ while True:
     if device_type == 'cuda':
         torch.cuda.synchronize()
     t_start = time.perf_counter()
-    parts, tokens, longest = torch.zeros(3), 0, 0
-    for micro_step in range(gradient_accumulation_steps):
-        x, am, lm, t = get_batch('train', data_gen, iter_num)
-        tokens, longest = tokens + x.numel(), max(longest, x.shape[1] if am is None else int(am.sum(1).max()))
+    parts = torch.zeros(5)  # loss, ce, kl, tokens, longest real sequence
+    for micro_step in range(gradient_accumulation_steps):  # the global batch, drawn alike on every rank
+        batch = get_batch('train', data_gen, iter_num, load=micro_step % world_size == rank)
+        if batch is None:
+            continue  # another rank's micro-step
+        x, am, lm, t = batch
         if t is None and criterion.kd_weight > 0:
             t = run_teacher(x, am)
-        with autocast:
-            loss, ce, kl = criterion(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
-        scaler.scale(loss / gradient_accumulation_steps).backward()
-        parts += torch.stack([loss.detach().float().cpu(), ce.float().cpu(), kl.float().cpu()])
+        # DDP averages the gradients over the ranks at the last micro-step of each rank, not before
+        last = micro_step >= gradient_accumulation_steps - world_size
+        with nullcontext() if last or not ddp else train_hidden.no_sync():
+            with autocast:
+                loss, ce, kl = criterion(train_hidden(x, am), model.lm_head.weight, x, am, lm, teacher=t)
+            scaler.scale(loss / micro_steps).backward()  # / micro_steps, then DDP's mean over ranks: / accumulation
+        longest = x.shape[1] if am is None else am.sum(1).max().item()
+        parts += torch.tensor([loss.item(), ce.item(), kl.item(), x.numel(), 0.0])
+        parts[4] = max(parts[4], longest)
     scaler.unscale_(opt)  # true gradients (a no-op unless float16), for clipping and the logged norm
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
-    loss, ce, kl = (parts / gradient_accumulation_steps).tolist()
+    longest = parts[4].item()  # this rank's; the sums are over all ranks
+    loss, ce, kl, tokens = (all_sum(parts[:4]) / torch.tensor([gradient_accumulation_steps] * 3 + [1])).tolist()
     # A non-finite loss or gradient skips the step: the weights, the optimizer and the EMA stay as they were.
     # Never zero a NaN loss and go on (seed 002's clamp-to-zero hid the bug it was meant to fix).
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -624,18 +703,20 @@ while True:
     dt = time.perf_counter() - t_start
 
     tok_s = tokens / dt  # padded examples: the tokens that were computed
-    mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / peak if peak else None
+    mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / (peak * world_size) if peak else None
     mem = memory(device_type)
     record = {'iter': iter_num, 'loss': loss, 'ce': ce, 'kl': kl, 'kd_weight': criterion.kd_weight,
               'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),
               'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': batch_size * gradient_accumulation_steps / dt,
-              'tokens_per_s': tok_s, 'mfu': mfu, 'longest': longest, **mem}
-    records.log(record)
+              'tokens_per_s': tok_s, 'mfu': mfu, 'longest': int(longest), **mem}
+    if master:
+        records.log(record)
     if not finite:
         print(f"iter {iter_num}: SKIPPED, loss {loss}, grad norm {grad_norm}: not finite ({skipped_in_a_row} in a row, "
               f"{skipped_total} in all); weights, optimizer and EMA unchanged", flush=True)
         if skipped_in_a_row >= max_skipped_steps:
-            records.close()
+            if master:
+                records.close()
             fail(f"{skipped_in_a_row} steps in a row (up to step {iter_num}) had a non-finite loss or gradient; "
                  f"stopped. {out_path / 'ckpt.pt'} holds the last good state: resume it with a lower "
                  f"--learning_rate, --logit_clamp=30 or --grad_clip=1, or check the data")
@@ -646,12 +727,18 @@ while True:
               f" | {memory_text(mem)}", flush=True)
     iter_num += 1
     evaluated = False
+    if ddp and all_sum(torch.tensor(float(stop_signal is not None))) > 0:  # every rank stops after the same step
+        stop_signal = stop_signal or 'a signal to another rank'
     if stop_signal:
         save(out_path / 'ckpt.pt', evaluated=False)
-        records.close()
+        if master:
+            records.close()
         print(f"stopped by {stop_signal} after step {iter_num - 1}: {out_path / 'ckpt.pt'} holds everything; resume with\n"
               f"  python train.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--init_from='))} --init_from=resume")
         sys.exit(0)
 
-records.close()
+if master:
+    records.close()
+if ddp:
+    dist.destroy_process_group()
 print(f"done: best val CE {best_val:.4f}; checkpoints in {out_path}/ (sample with: python sample.py --ckpt {out_path / 'best.pt'})")
