@@ -14,6 +14,10 @@ Examples:
   python -c "import teacher; print(teacher.resolve('smollm2-135m-instruct'))"
   python -c "import teacher; m, tok, enc = teacher.load_teacher('smollm2-135m-instruct'); print(enc)"
   python -c "import teacher; tok, enc = teacher.load_tokenizer('/path/to/model_dir'); print(teacher.tokenizer_hash(tok))"
+The teacher-targets cache (train.py --teacher_targets=cache), in one process, on N ranks, or over all GPUs:
+  python teacher.py --cache --data_dir=data/shakespeare/smollm2-135m-instruct --temperature=1
+  torchrun --standalone --nproc_per_node=N teacher.py --cache --data_dir=...
+  python teacher.py --cache --teacher=Qwen/Qwen2.5-32B-Instruct --device_map=auto --data_dir=...
 """
 
 import functools
@@ -176,11 +180,17 @@ def load_tokenizer(spec, path=None):
     return tok, tiktoken_from_hf(tok, teacher_slug(spec))
 
 
-def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none'):
-    """(model, tokenizer, enc): the teacher in eval mode, frozen, on device, optionally 4/8-bit quantized."""
+def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none', device_map=''):
+    """(model, tokenizer, enc): the teacher in eval mode, frozen, on device, optionally 4/8-bit quantized.
+    device_map='auto' instead spreads its layers over every visible GPU (accelerate fills them in order, the
+    rest goes to CPU RAM): for a teacher larger than one GPU, in a single process. Its outputs then come out on
+    the last layer's device; callers move them to theirs."""
     if quantization not in QUANTIZATIONS:
         raise SystemExit(f"indra: teacher_quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}; "
                          f"pick one of those")
+    if device_map not in ('', 'auto'):
+        raise SystemExit(f"indra: teacher_device_map={device_map!r}: use '' (the teacher on --device) or 'auto' "
+                         f"(spread over all visible GPUs)")
     path = resolve(spec)  # first: an unavailable teacher is the first thing to fix
     device = torch.device(device)
     if quantization != 'none' and device.type != 'cuda':
@@ -194,12 +204,14 @@ def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none'):
             bnb_4bit_use_double_quant=True)
     elif quantization == '8bit':
         kwargs['quantization_config'] = BitsAndBytesConfig(load_in_8bit=True)
-    if quantization != 'none':  # bitsandbytes weights are placed at load time and cannot be .to()-moved
+    if device_map:
+        kwargs['device_map'] = device_map
+    elif quantization != 'none':  # bitsandbytes weights are placed at load time and cannot be .to()-moved
         index = device.index if device.index is not None else torch.cuda.current_device()
         kwargs['device_map'] = {'': index}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     model.eval().requires_grad_(False)
-    if quantization == 'none':
+    if 'device_map' not in kwargs:
         model.to(device)
     width = model.get_output_embeddings().weight.shape[0]
     if width < len(tok):
@@ -426,14 +438,20 @@ def targets_dir(data_dir, top_k, temperature, block_size):
 
 
 def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, batch_size=8,
-                  dtype=torch.bfloat16, device='cpu', max_blocks=None, loaded=None):
+                  dtype=torch.bfloat16, device='cpu', max_blocks=None, loaded=None, device_map=''):
     """Run the teacher once over train.bin in aligned blocks of block_size tokens and store, for every
     position, its top_k log-probabilities at `temperature` (the rest of the mass is 1 - their sum; losses.py
     treats it as one bucket). Files: ids.bin (the token dtype) and logp.bin (float16), (positions, top_k)
-    each, next to the token files. Resumable: progress.json counts the blocks done; meta.json is written
-    last and marks the cache complete. loaded: (model, tokenizer) already in memory. Returns the directory."""
+    each, next to the token files. loaded: (model, tokenizer) already in memory. Returns the directory.
+
+    Under torchrun every rank takes every world_size-th batch of blocks and writes it in place into the same
+    two files, which are therefore byte for byte what one process writes (nothing to merge). Resumable on any
+    number of ranks: each rank lists the batches it finished in progress-<rank>.json, a run skips the union of
+    those lists, and meta.json, written last, marks the cache complete."""
     from tqdm import tqdm
     import numpy as np
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     data_dir = pathlib.Path(data_dir)
     meta = json.loads((data_dir / 'meta.json').read_text())
     out = targets_dir(data_dir, top_k, temperature, block_size)
@@ -441,40 +459,63 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
         return out
     tokens = np.memmap(data_dir / 'train.bin', dtype=meta['dtype'], mode='r')
     n_blocks = len(tokens) // block_size if max_blocks is None else min(max_blocks, len(tokens) // block_size)
-    model, tok = loaded or load_teacher(spec, dtype=dtype, device=device)[:2]
+    model, tok = loaded or load_teacher(spec, dtype=dtype, device=device, device_map=device_map)[:2]
     if tokenizer_hash(tok) != meta['tokenizer_hash']:
         raise SystemExit(f"indra: {data_dir} was prepared for another tokenizer than {spec!r}'s; prepare it for this teacher")
     check_linear_head(model, len(tok))
     head = model.get_output_embeddings().weight[:len(tok)]  # padded logits past the tokenizer are never targets
-    out.mkdir(parents=True, exist_ok=True)
-    progress = out / 'progress.json'
-    done = json.loads(progress.read_text())['blocks'] if progress.exists() else 0
     shape = (n_blocks * block_size, top_k)
-    mode = 'r+' if done else 'w+'
-    ids = np.memmap(out / 'ids.bin', dtype=meta['dtype'], mode=mode, shape=shape)
-    logp = np.memmap(out / 'logp.bin', dtype=np.float16, mode=mode, shape=shape)
-    mass = 0.0
-    bar = tqdm(total=n_blocks, initial=done, desc=f"teacher targets (top {top_k}, T={temperature:g})", unit='block')
-    for b in range(done, n_blocks, batch_size):
-        e = min(b + batch_size, n_blocks)
-        x = torch.from_numpy(tokens[b * block_size:e * block_size].astype(np.int64)).view(e - b, block_size).to(device)
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = (teacher_hidden(model, x) @ head.t().to(dtype)).float() / temperature  # (B, T, V)
+    files = {'ids.bin': np.dtype(meta['dtype']), 'logp.bin': np.dtype(np.float16)}
+    done = set()
+    for p in out.glob('progress-*.json'):
+        done.update(json.loads(p.read_text())['batches'])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, dt in files.items():  # full size from the start, so any rank can write any batch in place
+            if not done or not (out / name).exists():
+                np.memmap(out / name, dtype=dt, mode='w+', shape=shape).flush()
+    if world > 1:
+        dist.barrier()  # the files exist and every rank has read the progress before any rank adds to it
+    ids, logp = (np.memmap(out / name, dtype=dt, mode='r+', shape=shape) for name, dt in files.items())
+    progress = out / f'progress-{rank}.json'
+    mine = set(json.loads(progress.read_text())['batches']) if progress.exists() else set()
+    todo = [b for b in range(-(-n_blocks // batch_size)) if b not in done][rank::world]
+    mass = torch.zeros((), dtype=torch.float64, device=head.device)
+    bar = tqdm(total=len(todo), desc=f"teacher targets (top {top_k}, T={temperature:g})", unit='batch',
+               disable=rank != 0)
+    for b in todo:
+        lo, hi = b * batch_size, min((b + 1) * batch_size, n_blocks)  # blocks
+        x = torch.from_numpy(tokens[lo * block_size:hi * block_size].astype(np.int64)).view(hi - lo, block_size)
+        x = x.to(head.device)
+        with torch.no_grad(), torch.autocast(head.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            h = teacher_hidden(model, x).to(head.device)  # device_map='auto': the last layer's GPU
+            logits = (h @ head.t().to(dtype)).float() / temperature  # (B, T, V)
         top = logits.log_softmax(dim=-1).topk(top_k, dim=-1)
-        ids[b * block_size:e * block_size] = top.indices.view(-1, top_k).cpu().numpy()
-        logp[b * block_size:e * block_size] = top.values.view(-1, top_k).cpu().numpy()
-        mass += top.values.exp().sum(dim=-1).sum().item()
+        ids[lo * block_size:hi * block_size] = top.indices.view(-1, top_k).cpu().numpy()
+        logp[lo * block_size:hi * block_size] = top.values.view(-1, top_k).cpu().numpy()
+        mass += top.values.exp().sum(dim=-1).sum().double()
         ids.flush()
         logp.flush()
-        _write_json(progress, {'blocks': e})  # only after the blocks are on disk: a crash redoes at most one batch
-        bar.update(e - b)
+        mine.add(b)
+        _write_json(progress, {'batches': sorted(mine)})  # only after the blocks are on disk: a crash redoes one batch
+        bar.update()
     bar.close()
-    _write_json(out / 'meta.json', {'teacher': spec, 'tokenizer_hash': meta['tokenizer_hash'], 'top_k': top_k,
-                                    'temperature': temperature, 'block_size': block_size, 'blocks': n_blocks,
-                                    'ids_dtype': meta['dtype'], 'logp_dtype': 'float16'})
-    if n_blocks > done:
-        print(f"teacher targets: {n_blocks} blocks of {block_size} tokens; the top {top_k} tokens hold "
-              f"{mass / ((n_blocks - done) * block_size):.1%} of the teacher's mass at T={temperature:g} -> {out}")
+    new_blocks = torch.tensor(sum(min((b + 1) * batch_size, n_blocks) - b * batch_size for b in todo),
+                              dtype=torch.float64, device=head.device)
+    if world > 1:
+        for t in (mass, new_blocks):
+            dist.all_reduce(t)
+    if rank == 0:
+        _write_json(out / 'meta.json', {'teacher': spec, 'tokenizer_hash': meta['tokenizer_hash'], 'top_k': top_k,
+                                        'temperature': temperature, 'block_size': block_size, 'blocks': n_blocks,
+                                        'ids_dtype': meta['dtype'], 'logp_dtype': 'float16'})
+        for p in out.glob('progress-*.json'):
+            p.unlink()
+        if new_blocks > 0:
+            print(f"teacher targets: {n_blocks} blocks of {block_size} tokens; the top {top_k} tokens hold "
+                  f"{mass.item() / (new_blocks.item() * block_size):.1%} of the teacher's mass at T={temperature:g} -> {out}")
+    if world > 1:
+        dist.barrier()  # no rank goes on before meta.json exists
     return out
 
 
@@ -502,9 +543,21 @@ if __name__ == '__main__':
     parser.add_argument('--block_size', type=int, default=256, help="train.py's block_size")
     parser.add_argument('--batch_size', type=int, default=8)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device_map', default='', choices=['', 'auto'],
+                        help="auto: spread a teacher too large for one GPU over all of them (one process)")
     parser.add_argument('--max_blocks', type=int, default=None, help='only the first N blocks (for a quick try)')
     args = parser.parse_args()
     if not args.cache:
         parser.error('nothing to do: pass --cache')
+    if 'RANK' in os.environ:  # torchrun: each rank takes its share of the batches (see build_targets)
+        import torch.distributed as dist
+        if args.device_map:
+            parser.error('--device_map=auto spreads one teacher over all GPUs: run it as one process, not torchrun')
+        if args.device.startswith('cuda'):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
     build_targets(args.teacher, args.data_dir, args.top_k, args.temperature, args.block_size, args.batch_size,
-                  device=args.device, max_blocks=args.max_blocks)
+                  device=args.device, max_blocks=args.max_blocks, device_map=args.device_map)
+    if 'RANK' in os.environ:
+        dist.destroy_process_group()

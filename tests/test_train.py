@@ -108,7 +108,7 @@ def test_cached_teacher_targets(tiny_teacher, tiny_data, tmp_path):
         '--block_size=64', '--max_blocks=6', '--batch_size=4')
     out = targets_dir(data, 8, 2.0, 64)
     meta = json.loads((out / 'meta.json').read_text())
-    assert meta['blocks'] == 6 and json.loads((out / 'progress.json').read_text())['blocks'] == 6
+    assert meta['blocks'] == 6 and not list(out.glob('progress-*.json'))  # complete: meta.json says so
     ids = np.memmap(out / 'ids.bin', dtype=meta['ids_dtype'], mode='r', shape=(6 * 64, 8))
     logp = np.memmap(out / 'logp.bin', dtype=np.float16, mode='r', shape=(6 * 64, 8))
     model, tok, _ = load_teacher(tiny_teacher)
@@ -122,9 +122,9 @@ def test_cached_teacher_targets(tiny_teacher, tiny_data, tmp_path):
     assert torch.allclose(live.gather(1, cached_ids), cached, atol=2e-2)
     assert torch.allclose(cached.exp().sum(-1), live.topk(8, -1).values.exp().sum(-1), atol=2e-2)
 
-    # resume: pretend the build stopped after 4 blocks, with garbage after them
+    # resume: pretend the build stopped after its first batch (4 blocks), with garbage after it
     (out / 'meta.json').unlink()
-    (out / 'progress.json').write_text(json.dumps({'blocks': 4}))
+    (out / 'progress-0.json').write_text(json.dumps({'batches': [0]}))
     garbage = np.memmap(out / 'logp.bin', dtype=np.float16, mode='r+', shape=(6 * 64, 8))
     before = np.array(garbage[:4 * 64])
     garbage[4 * 64:] = 0
