@@ -14,6 +14,12 @@ greedily, and its answers are graded by the dataset's own rules (score() in its 
 beside the teacher's greedy answers recorded there: exact match, agreement with the teacher,
 valid JSON on tool calls, and seed 001's signs of mode collapse. A table is printed; --json
 writes everything.
+
+What a quantized teacher costs: --teacher_vs loads the same teacher a second way (4bit or 8bit
+with bitsandbytes on CUDA, or another dtype) and reports it as one more row, its KL measured
+from the teacher as loaded in --dtype; no checkpoint needed:
+
+    python eval.py --teacher_vs=4bit --data_dir=data/shakespeare/smollm2-135m-instruct
 """
 import argparse
 import importlib.util
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import counted_tokens, pad_examples
@@ -70,6 +77,7 @@ def batches(path, meta, split, block_size, batch_size, max_tokens):
 def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, batch_size, max_tokens, device, autocast):
     """Sums over the counted targets for every student and the teacher -> the metrics per model."""
     t_model, t_head = teacher[0], teacher[1].float()
+    V = t_head.shape[0]  # the students' vocabulary is the teacher's logit width
     sums = defaultdict(float)
     for x, am, lm in batches(path, meta, split, block_size, batch_size, max_tokens):
         x, am = x.to(device), am.to(device)
@@ -85,7 +93,7 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
                 hs.append(model.hidden_states(x, am)[:, :-1][count])
         for i in range(0, len(y), 512):  # rows at a time: (512, V) logits, never (tokens, V)
             yi = y[i:i + 512]
-            t_logp = F.log_softmax((th[i:i + 512].float() @ t_head.T)[:, :students[0].config.vocab_size], -1)
+            t_logp = F.log_softmax(th[i:i + 512].float() @ t_head.T, -1)
             sums['teacher_nll'] += -t_logp.gather(1, yi[:, None]).sum().item()
             for k, (model, h) in enumerate(zip(students, hs)):
                 s_logp = F.log_softmax(model.head(h[i:i + 512].float()).float(), -1)
@@ -98,6 +106,21 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
     out = [{**per_model(sums[k, 'nll']), 'kl': sums[k, 'kl'] / n, 'top1_agreement': sums[k, 'top1'] / n}
            for k in range(len(students))]
     return out, {**per_model(sums['teacher_nll']), 'tokens': int(n), 'bytes': int(sums['bytes'])}
+
+
+class TeacherAsStudent(nn.Module):
+    """A teacher loaded another way (quantized, another dtype), measured against the reference teacher on the
+    same tokens through the students' interface: hidden_states, then head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.weight = model, model.get_output_embeddings().weight  # bitsandbytes keeps the head unquantized
+
+    def hidden_states(self, x, attention_mask=None):
+        return teacher_hidden(self.model, x, attention_mask)
+
+    def head(self, h):
+        return h.float() @ self.weight.float().T
 
 
 def load_grader(dataset):
@@ -156,7 +179,7 @@ def agreement(grader, examples, student, teacher):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--ckpt', nargs='+', default=['out/best.pt'], help='checkpoints written by train.py')
+    parser.add_argument('--ckpt', nargs='*', default=[], help='checkpoints written by train.py')
     parser.add_argument('--split', default='val')
     parser.add_argument('--max_tokens', type=int, default=0, help='only the first N tokens of a text split; 0 = all')
     parser.add_argument('--batch_size', type=int, default=8, help='rows per forward pass')
@@ -165,11 +188,21 @@ def main():
     parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     parser.add_argument('--teacher_quantization', default='', help="'' = as trained; 'none' to run a 4-bit-trained "
                         "student's teacher unquantized (e.g. on CPU)")
-    parser.add_argument('--json', default='', help="write the results here (default: eval.json beside the first checkpoint)")
+    parser.add_argument('--teacher_vs', default='', choices=['', '4bit', '8bit', 'float32', 'bfloat16', 'float16'],
+                        help="also load the teacher this way (quantized, or in this dtype) and measure it against "
+                             "the teacher in --dtype on the same tokens: CE and KL")
+    parser.add_argument('--teacher', default='smollm2-135m-instruct', help='the teacher, when no --ckpt is given')
+    parser.add_argument('--data_dir', default='', help='token files, when no --ckpt is given')
+    parser.add_argument('--json', default='', help="write the results here (default: eval.json beside the first "
+                        "checkpoint, or in --data_dir)")
     args = parser.parse_args()
 
+    if not args.ckpt and not (args.teacher_vs and args.data_dir):
+        raise SystemExit("indra: nothing to evaluate; pass --ckpt out/best.pt [more.pt ...], or --teacher_vs=4bit "
+                         "--data_dir=DIR to measure a quantized teacher alone")
     ckpts = [load_checkpoint(p) for p in args.ckpt]
-    first = ckpts[0]['config']
+    first = ckpts[0]['config'] if ckpts else {'teacher': args.teacher, 'teacher_quantization': 'none',
+                                              'data_dir': args.data_dir, 'dataset': ''}
     for path, c in zip(args.ckpt[1:], ckpts[1:]):
         if c['tokenizer_hash'] != ckpts[0]['tokenizer_hash'] or data_dir(c['config']) != data_dir(first):
             raise SystemExit(f"indra: {path} was trained on other data or another tokenizer than {args.ckpt[0]}; "
@@ -182,31 +215,41 @@ def main():
     autocast = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     t_model, tokenizer, enc = load_teacher(first['teacher'], dtype=ptdtype, device=args.device,
                                            quantization=args.teacher_quantization or first['teacher_quantization'])
-    if tokenizer_hash(tokenizer) != ckpts[0]['tokenizer_hash']:
-        raise SystemExit(f"indra: the tokenizer of teacher {first['teacher']!r} has changed since {args.ckpt[0]} was "
-                         f"trained; point the teacher spec at the original")
-    students = []
+    meta = json.loads((path / 'meta.json').read_text())
+    want = ckpts[0]['tokenizer_hash'] if ckpts else meta['tokenizer_hash']
+    if tokenizer_hash(tokenizer) != want:
+        raise SystemExit(f"indra: the tokenizer of teacher {first['teacher']!r} is not the one {args.ckpt[0] if ckpts else path} "
+                         f"was made with; point the teacher spec at the original")
+    students, names = [], list(map(str, args.ckpt))
     for c in ckpts:
         m = Indra(IndraConfig(**c['model_args']))
         m.load_state_dict(c['model'])
         students.append(m.to(args.device).eval())
-    meta = json.loads((path / 'meta.json').read_text())
-    block_size = min(m.config.block_size for m in students)
-    tok_bytes = token_bytes(tokenizer, students[0].config.vocab_size)
+    block_size = min([m.config.block_size for m in students] or [256])
+    if args.teacher_vs:  # one more row: the same teacher, quantized or in another dtype
+        quantized = args.teacher_vs in ('4bit', '8bit')
+        other = load_teacher(first['teacher'], dtype=ptdtype if quantized else getattr(torch, args.teacher_vs),
+                             device=args.device, quantization=args.teacher_vs if quantized else 'none')[0]
+        students.append(TeacherAsStudent(other))
+        names.append(f"teacher {args.teacher_vs}")
+    tok_bytes = token_bytes(tokenizer, t_model.get_output_embeddings().weight.shape[0])
     print(f"evaluating {len(students)} student(s) and teacher {first['teacher']} on {path / args.split} "
           f"(block_size {block_size}, {args.device}, {args.dtype})")
     per_student, teacher = token_metrics(students, (t_model, t_model.get_output_embeddings().weight), tok_bytes, path,
                                          meta, args.split, block_size, args.batch_size, args.max_tokens, args.device,
                                          autocast)
-    results = {'data': str(path / args.split), 'teacher': {'spec': first['teacher'], **teacher}, 'students': []}
+    results = {'data': str(path / args.split), 'teacher': {'spec': first['teacher'], 'dtype': args.dtype,
+                                                           **teacher}, 'students': []}
     for p, c, m in zip(args.ckpt, ckpts, per_student):
         results['students'].append({'ckpt': str(p), 'step': c['iter_num'], 'kd_weight': c['config']['kd_weight'],
                                     'seed': c['config']['seed'], **m})
+    if args.teacher_vs:
+        results['teacher_vs'] = {'as': args.teacher_vs, **per_student[-1]}
     print(f"\n{teacher['tokens']:,} held-out tokens ({teacher['bytes']:,} bytes)")
     print(f"{'model':<42} {'CE':>7} {'ppl':>9} {'bits/byte':>9} {'KL(t||s)':>9} {'top-1 agree':>11}")
-    print(f"{'teacher ' + first['teacher']:<42} {teacher['ce']:7.4f} {teacher['ppl']:9.1f} {teacher['bits_per_byte']:9.4f}")
-    for s in results['students']:
-        print(f"{s['ckpt'][-42:]:<42} {s['ce']:7.4f} {s['ppl']:9.1f} {s['bits_per_byte']:9.4f} {s['kl']:9.4f} "
+    print(f"{'teacher ' + first['teacher'] + ' ' + args.dtype:<42} {teacher['ce']:7.4f} {teacher['ppl']:9.1f} {teacher['bits_per_byte']:9.4f}")
+    for name, s in zip(names, per_student):
+        print(f"{name[-42:]:<42} {s['ce']:7.4f} {s['ppl']:9.1f} {s['bits_per_byte']:9.4f} {s['kl']:9.4f} "
               f"{s['top1_agreement']:11.1%}")
 
     grader = load_grader(first['dataset']) if meta.get('chat') else None
@@ -241,7 +284,7 @@ def main():
         for s in results['students']:
             ratio, agree = s['answers']['exact_match_vs_teacher'], s['answers']['agreement']
             print(f"{s['ckpt']}: {ratio:.0%} of the teacher's exact match, same answer as the teacher on {agree:.0%}")
-    out = Path(args.json) if args.json else Path(args.ckpt[0]).parent / 'eval.json'
+    out = Path(args.json) if args.json else (Path(args.ckpt[0]).parent if ckpts else path) / 'eval.json'
     out.write_text(json.dumps(results, indent=2) + '\n')
     print(f"\nwritten to {out}")
 
