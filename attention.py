@@ -12,6 +12,9 @@ back to n_embd. Two interchangeable kernels compute the same thing (tests hold t
                so one fused F.scaled_dot_product_attention over the stacked real features
                computes scores and output at once, in bf16/fp16, with fused kernels.
 
+A third, attend_explicit, is the sdpa computation as plain ops; forward(need_weights=True) uses it
+to hand back the attention probabilities too (attention matching, matching.py).
+
 Shapes: a head has head_dim real features = head_dim // 2 complex numbers ("dc" below), so
 a student of width n_embd has as many attention parameters as a real GPT of that width.
 python -m pytest tests/test_attention.py
@@ -86,6 +89,19 @@ def attend_sdpa(q, k, v, cos, sin, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
 
 
+def attend_explicit(q, k, v, cos, sin, mask, scale):
+    """The sdpa computation spelled out, for when the attention probabilities themselves are wanted (attention
+    matching, matching.py): scores and softmax as plain ops, so gradients flow through the probabilities.
+
+    mask: (B|1, 1, T, T) additive, never None. Returns y (B, nh, T, hs) in the input dtype and the
+    probabilities (B, nh, T, T) in fp32 (a KL over keys takes their log; bf16 would round them).
+    """
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    scores = (q @ k.transpose(-2, -1)) * scale + mask.to(q.dtype)  # (B, nh, T, T)
+    att = torch.softmax(scores.float(), dim=-1)
+    return att.to(v.dtype) @ v, att
+
+
 KERNELS = {'reference': attend_reference, 'sdpa': attend_sdpa}
 
 
@@ -105,8 +121,13 @@ class ComplexAttention(nn.Module):
         self.register_buffer('cos', cos, persistent=False)
         self.register_buffer('sin', sin, persistent=False)
 
-    def forward(self, x, mask=None):
-        """x: (B, T, C); mask: additive (B|1, 1, T, T) from additive_mask(), or None for causal only."""
+    def forward(self, x, mask=None, need_weights=False):
+        """x: (B, T, C); mask: additive (B|1, 1, T, T) from additive_mask(), or None for causal only.
+
+        Returns (B, T, C); with need_weights, (output, attention probabilities (B, nh, T, T) fp32) from
+        attend_explicit instead of the attn_impl kernel (same output, tests hold them equal; T x T per head
+        is materialized, so ask only for the layers that need it). A query that sees no key gets zero weights.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         cos, sin = self.cos[:T], self.sin[:T]
@@ -117,10 +138,15 @@ class ComplexAttention(nn.Module):
             # and give NaN. Let it see everything, then zero its output: no NaN forward or backward.
             empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
             mask = mask.masked_fill(empty, 0.0)
-        elif self.attn_impl == 'reference':
+        elif self.attn_impl == 'reference' or need_weights:
             mask = additive_mask(None, T, x.device)
-        y = KERNELS[self.attn_impl](q, k, v, cos, sin, mask, scale)  # (B, nh, T, hs)
+        if need_weights:
+            y, att = attend_explicit(q, k, v, cos, sin, mask, scale)
+        else:
+            y = KERNELS[self.attn_impl](q, k, v, cos, sin, mask, scale)  # (B, nh, T, hs)
         if empty is not None:
             y = y.masked_fill(empty, 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        if not need_weights:
+            return y
+        return y, (att if empty is None else att.masked_fill(empty, 0.0))

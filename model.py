@@ -58,9 +58,14 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, mask, need_weights=False):
+        """(x, attention probabilities (B, nh, T, T) or None): one return type, so checkpoint() can wrap either."""
+        if need_weights:
+            a, att = self.attn(self.norm1(x), mask, need_weights=True)
+        else:
+            a, att = self.attn(self.norm1(x), mask), None
+        x = x + a
+        return x + self.mlp(self.norm2(x)), att
 
 
 class Indra(nn.Module):
@@ -83,18 +88,35 @@ class Indra(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx, attention_mask=None):
-        """The final normed hidden states (B, T, n_embd), before the tied head."""
+    def hidden_states(self, idx, attention_mask=None, layers=(), attention_layers=()):
+        """The final normed hidden states (B, T, n_embd), before the tied head.
+
+        layers, attention_layers: block numbers 1..n_layer whose output (B, T, n_embd), before any final
+        norm, and attention probabilities (B, n_head, T, T) are wanted too (feature and attention matching,
+        matching.py). If either is given, returns (h, {'hidden': {i: ...}, 'attention': {i: ...}}).
+        Only the blocks in attention_layers leave the fused kernel to materialize their T x T weights.
+        """
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        n = self.config.n_layer
+        wrong = sorted({*layers, *attention_layers} - set(range(1, n + 1)))
+        if wrong:
+            raise ValueError(f"student block {wrong[0]} does not exist: blocks are numbered 1..{n}")
         mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
+        extras = {'hidden': {}, 'attention': {}}
         x = self.drop(self.wte(idx))  # (B, T, C)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks, start=1):
+            need = i in attention_layers
             if self.config.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x, att = checkpoint(block, x, mask, need, use_reentrant=False)
             else:
-                x = block(x, mask)
-        return self.norm_f(x)
+                x, att = block(x, mask, need)
+            if need:
+                extras['attention'][i] = att
+            if i in layers:
+                extras['hidden'][i] = x
+        h = self.norm_f(x)
+        return (h, extras) if layers or attention_layers else h
 
     def forward(self, idx, attention_mask=None, targets=None):
         """idx: (B, T) token ids; attention_mask: (B, T) 1 real / 0 pad, or None.

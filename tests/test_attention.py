@@ -144,3 +144,38 @@ def test_rotary_is_relative():
     s0 = (qc[..., 3, :] * phase[3] * (kc[..., 1, :] * phase[1]).conj()).sum(-1).real
     s5 = (qc[..., 3, :] * phase[8] * (kc[..., 1, :] * phase[6]).conj()).sum(-1).real
     assert torch.allclose(s0, s5, atol=1e-5)
+
+
+@pytest.mark.parametrize('padded', [False, True])
+def test_need_weights_equals_sdpa_and_gives_the_probabilities(padded):
+    """The explicit path (attention matching) computes the same output and gradients as the fused kernel,
+    and its weights are distributions over the visible keys that gradients flow through."""
+    am = padding_mask() if padded else None
+    mask = None if am is None else additive_mask(am, 12, 'cpu')
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 48)
+    outs, grads = [], []
+    for need in (False, True):
+        torch.manual_seed(1)
+        attn = ComplexAttention(48, 3, 16, attn_impl='sdpa')
+        xi = x.clone().requires_grad_(True)
+        y = attn(xi, mask, need_weights=need)
+        if need:
+            y, att = y
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append((xi.grad, attn.qkv.weight.grad))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all() and torch.allclose(a, b, atol=1e-4)
+    assert att.shape == (2, 3, 12, 12) and att.dtype == torch.float32
+    visible = torch.ones(12, 12).tril().bool().expand(2, 3, 12, 12)
+    if am is not None:
+        visible = visible & am.bool().view(2, 1, 1, 12)
+    assert (att[~visible] == 0).all()
+    rows = att.sum(-1)  # (B, nh, T): 1 for a query that sees a key, 0 for a left-padding query that sees none
+    assert torch.allclose(rows, visible.any(-1).float(), atol=1e-6)
+    attn.zero_grad()
+    _, att = attn(x, mask, need_weights=True)
+    (att * torch.randn_like(att)).sum().backward()  # a loss on the weights alone reaches q and k
+    assert torch.isfinite(attn.qkv.weight.grad).all() and attn.qkv.weight.grad[:96].abs().sum() > 0

@@ -144,3 +144,52 @@ def test_unreadable_checkpoints_are_one_clear_line(tmp_path, content, words):
     with pytest.raises(SystemExit, match=words) as e:
         load_checkpoint(bad)
     assert str(bad) in str(e.value) and '\n' not in str(e.value)
+
+
+def padded_batch(T=10):
+    idx = torch.randint(97, (2, T))
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0  # left padding: queries 0-2 of row 0 see no real key
+    am[1, 7:] = 0  # right padding
+    return idx, am
+
+
+def test_hidden_states_extras_match_a_manual_loop():
+    from attention import additive_mask
+    m = tiny(n_layer=3).eval()
+    idx, am = padded_batch()
+    h, extras = m.hidden_states(idx, am, layers=(1, 3), attention_layers=(2, 3))
+    assert torch.allclose(h, m.hidden_states(idx, am), atol=1e-6)  # blocks 2, 3 left the fused kernel: rounding
+    assert sorted(extras['hidden']) == [1, 3] and sorted(extras['attention']) == [2, 3]
+    mask = additive_mask(am, 10, 'cpu')
+    x = m.wte(idx)
+    for i, block in enumerate(m.blocks, start=1):
+        a, att = block.attn(block.norm1(x), mask, need_weights=True)
+        x = x + a
+        x = x + block.mlp(block.norm2(x))
+        if i in extras['hidden']:
+            assert torch.allclose(extras['hidden'][i], x, atol=1e-6)
+        if i in extras['attention']:
+            assert torch.allclose(extras['attention'][i], att, atol=1e-6)
+    visible = torch.ones(10, 10).tril().bool() & am.bool().view(2, 1, 1, 10)  # (B, 1, T, T)
+    for att in extras['attention'].values():
+        assert att.shape == (2, 2, 10, 10)
+        assert (att.masked_select(~visible) == 0).all()
+        assert torch.allclose(att.sum(-1), visible.any(-1).float().expand(2, 2, 10), atol=1e-6)
+    with pytest.raises(ValueError, match=r'block 4 does not exist: blocks are numbered 1\.\.3'):
+        m.hidden_states(idx, am, layers=(4,))
+
+
+def test_hidden_states_extras_with_gradient_checkpointing():
+    """A checkpointed block returns a tuple (output, weights): values and gradients as without checkpointing."""
+    idx, am = padded_batch()
+    results = []
+    for ckpt in (False, True):
+        m = tiny(gradient_checkpointing=ckpt).train()
+        h, extras = m.hidden_states(idx, am, layers=(1, 2), attention_layers=(1,))
+        w = torch.linspace(-1, 1, 100).view(10, 10)
+        loss = h.square().mean() + extras['hidden'][1].mean() + (extras['attention'][1] * w).sum()
+        loss.backward()
+        results.append((loss.detach(), extras['hidden'][2].detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)

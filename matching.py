@@ -1,0 +1,187 @@
+"""
+Feature matching and attention matching: the student's blocks learn from the teacher's layers, not only
+from its logits (seed 003: "feature matching across mapped layers", "hidden state projection when
+dimensions differ", "GQA-aware attention pattern matching").
+
+Layers are paired (layer_map): by default student block i of Ns follows teacher layer round(i * Nt / Ns),
+evenly spaced, the last on the last (TinyBERT's uniform mapping, Jiao et al. 2020).
+
+Features (FeatureMatcher), per pair (s, t) and real token, with a learned W_s (student width -> teacher
+width, FitNets' regressor, Romero et al. 2015):
+    mse     mean_c (W_s h_s - rms_norm(h_t))_c^2         rms_norm(x) = x / sqrt(mean_c x_c^2)
+    cosine  1 - cos(W_s h_s, h_t)
+
+Attention (attention_loss), per pair, matched head unit u (head_groups) and real query position:
+    KL(P_u || Q_u) = sum_k P_u[k] log(P_u[k] / Q_u[k])
+where P_u is the mean of the teacher's attention distributions over the query heads of unit u and Q_u
+the mean of the student's over its heads of unit u (a mean of distributions is a distribution). A KL
+between attention distributions, rather than an MSE on them, follows MiniLM (Wang et al. 2020).
+Each loss is the mean over pairs of the mean over real tokens (attention_mask == 1), in fp32.
+
+    from matching import FeatureMatcher, attention_loss, head_groups, layer_map, teacher_internals
+    tc = teacher.config
+    pairs = layer_map(student.config.n_layer, tc.num_hidden_layers)  # e.g. 6 of 30: [(1, 5), ..., (6, 30)]
+    head_groups(student.config.n_head, tc.num_attention_heads, tc.num_key_value_heads)  # fails early if no match
+    matcher = FeatureMatcher(pairs, student.config.n_embd, tc.hidden_size)  # its weights go to the optimizer
+    s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
+    with torch.no_grad():
+        t_last, t_in = teacher_internals(teacher, idx, am, layers=t_layers, attention_layers=t_layers)
+    h, s_in = student.hidden_states(idx, am, layers=s_layers, attention_layers=s_layers)
+    loss = (distill(h, t_last) + w_feat * matcher(s_in['hidden'], t_in['hidden'], am)
+            + w_att * attention_loss(s_in['attention'], t_in['attention'], pairs, am, tc.num_key_value_heads))
+
+python -m pytest tests/test_matching.py
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ('mse', 'cosine')
+
+
+def layer_map(n_student, n_teacher, pairs=None):
+    """[(student_block, teacher_layer), ...]: evenly spaced by default, or the user's pairs, checked.
+
+    Student blocks are numbered 1..n_student (Indra.hidden_states). Teacher layers index Hugging Face's
+    output_hidden_states: 0 is the embeddings, n_teacher the last layer; HF applies the final norm to that
+    last entry (it is last_hidden_state), unlike the others: one reason FeatureMatcher normalizes targets.
+    """
+    if pairs is None:
+        # i * Nt / Ns rounded half up in integers (round() would halve to even), never 0 (the embeddings)
+        return [(i, max(1, (2 * i * n_teacher + n_student) // (2 * n_student))) for i in range(1, n_student + 1)]
+    hint = (f"give a list of [student_block, teacher_layer] pairs, student_block in 1..{n_student} (each at "
+            f"most once), teacher_layer in 0..{n_teacher} (0 = embeddings), e.g. [[1, {n_teacher // 2}], "
+            f"[{n_student}, {n_teacher}]]")
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError(f"layer pairs {pairs!r}: {hint}")
+    out = []
+    for p in pairs:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in p)):
+            raise ValueError(f"layer pair {p!r} is not two integers: {hint}")
+        s, t = p
+        if not (1 <= s <= n_student and 0 <= t <= n_teacher):
+            raise ValueError(f"layer pair {list(p)} is out of range: {hint}")
+        if s in [a for a, _ in out]:
+            raise ValueError(f"student block {s} is paired twice in {pairs!r}: {hint}")
+        out.append((s, t))
+    return out
+
+
+def teacher_internals(model, idx, attention_mask=None, layers=(), attention_layers=()):
+    """(last_hidden (B, T, C), {'hidden': {t: (B, T, C)}, 'attention': {t: (B, Hq, T, T)}}) from one forward.
+
+    layers: hidden-state indices 0..Nt (see layer_map); attention_layers: layers 1..Nt, whose attention
+    probabilities are wanted. last_hidden is what teacher.teacher_hidden returns.
+    Cost: attention weights need the eager implementation (sdpa and flash never form them), so the model is
+    switched to it for good, announced once; eager is slower, and HF returns every layer's (B, Hq, T, T)
+    weights before we keep the requested ones: SmolLM2-135M at 16 x 256 tokens holds 30 x 38 MB in fp32.
+    """
+    n = model.config.num_hidden_layers
+    wrong = [t for t in layers if not 0 <= t <= n] + [t for t in attention_layers if not 1 <= t <= n]
+    if wrong:
+        raise ValueError(f"teacher layer {wrong[0]} does not exist: hidden states are 0..{n} (0 = embeddings), "
+                         f"attention layers 1..{n}")
+    if attention_layers and model.config._attn_implementation != 'eager':
+        print(f"indra: switching the teacher from {model.config._attn_implementation} to eager attention "
+              f"(attention matching needs its weights; slower)")
+        model.set_attn_implementation('eager')
+    out = model.base_model(input_ids=idx, attention_mask=attention_mask,
+                           output_hidden_states=bool(layers), output_attentions=bool(attention_layers))
+    extras = {'hidden': {t: out.hidden_states[t] for t in layers}, 'attention': {}}
+    if attention_layers:
+        if not out.attentions or any(a is None for a in out.attentions):
+            raise RuntimeError(f"the teacher ({type(model).__name__}, attention implementation "
+                               f"{model.config._attn_implementation!r}) returned no attention weights; attention "
+                               f"matching needs a model that supports output_attentions: turn it off for this teacher")
+        extras['attention'] = {t: out.attentions[t - 1] for t in attention_layers}  # attentions[0] is layer 1's
+    return out.last_hidden_state, extras
+
+
+def real_mean(x, attention_mask):
+    """Mean of x (B, T) over real tokens (attention_mask == 1), over all when the mask is None.
+    torch.where, not a product: a padded position's value never reaches the result, even if it is not finite."""
+    if attention_mask is None:
+        return x.mean()
+    real = attention_mask.bool()
+    return torch.where(real, x, 0.0).sum() / real.sum().clamp(min=1)
+
+
+class FeatureMatcher(nn.Module):
+    """Matches student block outputs to teacher hidden states through one learned projection per pair.
+
+    The projections are trained with the student (their parameters are named projections.{k}.weight, k the
+    pair's index) and thrown away afterwards: they only give the student's width a way to the teacher's.
+    """
+
+    def __init__(self, pairs, student_width, teacher_width, kind='mse'):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"feature matching kind {kind!r}: choose one of {', '.join(KINDS)}")
+        self.pairs, self.kind = [tuple(p) for p in pairs], kind
+        self.projections = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in self.pairs)
+
+    def forward(self, student_hidden, teacher_hidden, attention_mask=None):
+        """student_hidden {s: (B, T, Cs)}, teacher_hidden {t: (B, T, Ct)} -> scalar loss (fp32)."""
+        losses = []
+        # fp32 whatever the caller's autocast: the loss compares small differences of large vectors
+        with torch.autocast(next(iter(student_hidden.values())).device.type, enabled=False):
+            for (s, t), proj in zip(self.pairs, self.projections):
+                hs = proj(student_hidden[s].float())  # (B, T, Ct)
+                ht = teacher_hidden[t].detach().float()  # a target: no gradient to the teacher
+                if self.kind == 'mse':
+                    # The residual stream's norm grows with depth, and a few outlier dimensions carry huge
+                    # values (Sun et al. 2024, "Massive activations in LLMs"): on raw targets the MSE would
+                    # be the deep layers' and those dimensions'. Per-token RMS norm puts every layer and
+                    # token on one scale (HF's last layer is already normed, the others are not).
+                    per_token = (hs - F.rms_norm(ht, (ht.size(-1),))).square().mean(-1)  # (B, T)
+                else:
+                    per_token = 1 - F.cosine_similarity(hs, ht, dim=-1)
+                losses.append(real_mean(per_token, attention_mask))
+        return torch.stack(losses).mean()
+
+
+def head_groups(n_student_heads, n_query_heads, n_kv_heads):
+    """[(student heads, teacher query heads), ...]: one entry per matched unit, each side averaged over its heads.
+
+    A student with a multiple of the teacher's query heads matches each query head with n_student / n_query
+    consecutive student heads. Otherwise a multiple of the key/value heads matches per key/value group: the
+    query heads sharing a kv head (consecutive in HF's repeat_kv layout: query head h reads kv head
+    h // (n_query / n_kv)) see the same keys, so their patterns are the closest to average.
+    """
+    if n_query_heads % n_kv_heads:
+        raise ValueError(f"teacher has {n_query_heads} query heads over {n_kv_heads} key/value heads: not a multiple")
+    if n_student_heads % n_query_heads == 0:
+        units = n_query_heads
+    elif n_student_heads % n_kv_heads == 0:
+        units = n_kv_heads
+    else:
+        raise ValueError(f"n_head={n_student_heads} cannot be matched to the teacher's {n_query_heads} query heads "
+                         f"over {n_kv_heads} key/value heads: use a multiple of {n_kv_heads} "
+                         f"({', '.join(str(n_kv_heads * m) for m in range(1, 5))}, ...)")
+    s, t = n_student_heads // units, n_query_heads // units
+    return [(tuple(range(u * s, (u + 1) * s)), tuple(range(u * t, (u + 1) * t))) for u in range(units)]
+
+
+def group_mean(att, groups):
+    """(B, H, T, T) -> (B, len(groups), T, T): the mean attention distribution of each group of heads."""
+    return torch.stack([att[:, list(heads)].mean(1) for heads in groups], dim=1)
+
+
+def attention_loss(student_att, teacher_att, pairs, attention_mask, n_kv_heads):
+    """Mean over pairs, matched head units and real query positions of KL(teacher || student) over keys.
+
+    student_att {s: (B, Hs, T, T)}, teacher_att {t: (B, Hq, T, T)}: probabilities, 0 on future and padded keys.
+    """
+    losses = []
+    for s, t in pairs:
+        a_s, a_t = student_att[s].float(), teacher_att[t].detach().float()
+        assert a_s.shape[-2:] == a_t.shape[-2:], f"student {tuple(a_s.shape)} vs teacher {tuple(a_t.shape)} attention"
+        groups = head_groups(a_s.size(1), a_t.size(1), n_kv_heads)
+        q = group_mean(a_s, [g for g, _ in groups])  # (B, U, T, T)
+        p = group_mean(a_t, [g for _, g in groups])
+        # xlogy is 0 where p is 0 (future and padded keys); the clamp keeps log q finite where q is 0 there
+        # too (0 * log 0 would be NaN in backward) and where a student probability underflowed
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)  # (B, U, T)
+        losses.append(real_mean(kl.mean(1), attention_mask))
+    return torch.stack(losses).mean()
