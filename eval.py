@@ -31,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import counted_tokens, pad_examples
 from model import Indra, IndraConfig, load_checkpoint
 from monitor import collapsed, repetition
+import vocab
 from teacher import chat_batch, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
 
 ROOT = Path(__file__).resolve().parent
@@ -106,6 +108,29 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
     out = [{**per_model(sums[k, 'nll']), 'kl': sums[k, 'kl'] / n, 'top1_agreement': sums[k, 'top1'] / n}
            for k in range(len(students))]
     return out, {**per_model(sums['teacher_nll']), 'tokens': int(n), 'bytes': int(sums['bytes'])}
+
+
+@torch.no_grad()
+def own_vocab_metrics(model, tok, path, split, block_size, batch_size, max_tokens, device, autocast):
+    """A student with its own tokenizer, on its own token files of the same held-out text (path: student-bpeN/):
+    CE, perplexity and bits per byte. Its tokens cover the same bytes as the teacher's, so bits per byte compare
+    it with the teacher and with the other students; KL and top-1 agreement need one vocabulary, so none here."""
+    lengths = torch.from_numpy(vocab.token_lengths(tok))
+    lengths[tok.token_to_id(vocab.EOS)] = 0  # as token_bytes counts the teacher's eos: no text
+    nll, n, nbytes = 0.0, 0, 0
+    for x, am, _ in batches(path, json.loads((path / 'meta.json').read_text()), split, block_size, batch_size,
+                            max_tokens):
+        x, am = x.to(device), am.to(device)
+        count = counted_tokens(x, am)[:, :-1].bool()
+        y = x[:, 1:][count]
+        with autocast:
+            h = model.hidden_states(x, am)[:, :-1][count]
+        for i in range(0, len(y), 512):
+            logp = F.log_softmax(model.head(h[i:i + 512].float()).float(), -1)
+            nll -= logp.gather(1, y[i:i + 512, None]).sum().item()
+        n, nbytes = n + len(y), nbytes + lengths[y.cpu()].sum().item()
+    return {'ce': nll / n, 'ppl': math.exp(nll / n), 'bits_per_byte': nll / (math.log(2) * max(nbytes, 1)),
+            'kl': None, 'top1_agreement': None, 'tokens': n, 'bytes': nbytes}
 
 
 class TeacherAsStudent(nn.Module):
@@ -233,11 +258,21 @@ def main():
         students.append(TeacherAsStudent(other))
         names.append(f"teacher {args.teacher_vs}")
     tok_bytes = token_bytes(tokenizer, t_model.get_output_embeddings().weight.shape[0])
-    print(f"evaluating {len(students)} student(s) and teacher {first['teacher']} on {path / args.split} "
+    print(f"evaluating {len(ckpts)} student(s) and teacher {first['teacher']} on {path / args.split} "
           f"(block_size {block_size}, {args.device}, {args.dtype})")
-    per_student, teacher = token_metrics(students, (t_model, t_model.get_output_embeddings().weight), tok_bytes, path,
-                                         meta, args.split, block_size, args.batch_size, args.max_tokens, args.device,
-                                         autocast)
+    own = {i: Tokenizer.from_str(c['student_tokenizer']) for i, c in enumerate(ckpts) if c.get('student_tokenizer')}
+    shared = [m for i, m in enumerate(students) if i not in own]  # the teacher's vocabulary: measured side by side
+    per_shared, teacher = token_metrics(shared, (t_model, t_model.get_output_embeddings().weight), tok_bytes, path,
+                                        meta, args.split, block_size, args.batch_size, args.max_tokens, args.device,
+                                        autocast)
+    per_student = []
+    for i, m in enumerate(students):
+        if i in own:
+            spath = path / f"student-bpe{ckpts[i]['config']['student_tokenizer'][3:]}"
+            per_student.append(own_vocab_metrics(m, own[i], spath, args.split, m.config.block_size,
+                                                 args.batch_size, args.max_tokens, args.device, autocast))
+        else:
+            per_student.append(per_shared.pop(0))
     results = {'data': str(path / args.split), 'teacher': {'spec': first['teacher'], 'dtype': args.dtype,
                                                            **teacher}, 'students': []}
     for p, c, m in zip(args.ckpt, ckpts, per_student):
@@ -249,8 +284,10 @@ def main():
     print(f"{'model':<42} {'CE':>7} {'ppl':>9} {'bits/byte':>9} {'KL(t||s)':>9} {'top-1 agree':>11}")
     print(f"{'teacher ' + first['teacher'] + ' ' + args.dtype:<42} {teacher['ce']:7.4f} {teacher['ppl']:9.1f} {teacher['bits_per_byte']:9.4f}")
     for name, s in zip(names, per_student):
-        print(f"{name[-42:]:<42} {s['ce']:7.4f} {s['ppl']:9.1f} {s['bits_per_byte']:9.4f} {s['kl']:9.4f} "
-              f"{s['top1_agreement']:11.1%}")
+        own_vocab = s['kl'] is None  # its own tokenizer: CE over its own tokens, no KL or agreement with the teacher
+        print(f"{name[-42:]:<42} {s['ce']:7.4f} {s['ppl']:9.1f} {s['bits_per_byte']:9.4f} "
+              + ("      (own tokenizer: CE per own token; compare bits/byte)" if own_vocab else
+                 f"{s['kl']:9.4f} {s['top1_agreement']:11.1%}"))
 
     grader = load_grader(first['dataset']) if meta.get('chat') else None
     examples_path = path / f'{args.split}.jsonl'

@@ -6,13 +6,15 @@ Generate text with a trained indra student.
     python sample.py --ckpt out/best.pt --chat --prompt "What is 2 + 3?"
 
 The tokenizer is rebuilt from the checkpoint's teacher spec and checked against the hash the
-checkpoint was trained with. --chat wraps the prompt in the teacher's chat template and shows the
-teacher's answers (same sampling settings) beside the student's.
+checkpoint was trained with; a student with its own tokenizer (train.py --student_tokenizer) carries
+it in the checkpoint. --chat wraps the prompt in the teacher's chat template and shows the teacher's
+answers (same sampling settings) beside the student's.
 """
 import argparse
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from model import EMA, Indra, IndraConfig, load_checkpoint
 from teacher import chat_prompt, encode, load_teacher, load_tokenizer, tokenizer_hash
@@ -59,8 +61,13 @@ if args.chat:
     text = chat_prompt(tokenizer, prompt)
 else:
     text = args.prompt or "ROMEO:\nBut soft, what light"
-ids = encode(enc, tokenizer, text)  # the chat template's special tokens become their ids, as in the teacher's tokenizer
-assert len(ids) < model.config.block_size, f"prompt of {len(ids)} tokens does not fit block_size {model.config.block_size}"
+t_ids = encode(enc, tokenizer, text)  # the chat template's special tokens become their ids, as in the teacher's tokenizer
+own = Tokenizer.from_str(ckpt['student_tokenizer']) if ckpt.get('student_tokenizer') else None
+ids = own.encode(text).ids if own else t_ids
+decode = (lambda new: own.decode(new)) if own else (lambda new: tokenizer.decode(new, skip_special_tokens=True))
+if len(ids) >= model.config.block_size:
+    raise SystemExit(f"indra: the prompt is {len(ids)} tokens, the student's block_size {model.config.block_size}; "
+                     f"shorten --prompt")
 
 x = torch.tensor([ids] * args.num_samples, device=args.device)
 out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
@@ -73,14 +80,17 @@ if args.chat and not args.no_teacher:  # the teacher answers the same prompt wit
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) \
         if args.temperature > 0 else dict(do_sample=False)
-    t_out = t_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                             eos_token_id=ckpt['eos_id'], pad_token_id=ckpt['eos_id'], **sampling)
-    answers['teacher'] = t_out[:, len(ids):].tolist()
+    tx = torch.tensor([t_ids] * args.num_samples, device=args.device)
+    t_eos = tokenizer.eos_token_id
+    t_out = t_model.generate(input_ids=tx, attention_mask=torch.ones_like(tx), max_new_tokens=args.max_new_tokens,
+                             eos_token_id=t_eos, pad_token_id=t_eos, **sampling)
+    answers['teacher'] = t_out[:, len(t_ids):].tolist()
 for i in range(args.num_samples):
     print('-' * 60)
     if args.chat:
         print(f"user: {prompt}")
     for who, rows in answers.items():
-        new = rows[i][:rows[i].index(ckpt['eos_id'])] if ckpt['eos_id'] in rows[i] else rows[i]
-        text_out = tokenizer.decode(new, skip_special_tokens=True)
+        eos = ckpt['eos_id'] if who == 'student' else tokenizer.eos_token_id
+        new = rows[i][:rows[i].index(eos)] if eos in rows[i] else rows[i]
+        text_out = decode(new) if who == 'student' else tokenizer.decode(new, skip_special_tokens=True)
         print(f"{who}: {text_out}" if args.chat else text + text_out)

@@ -18,10 +18,12 @@ out_dir/ckpt.pt is the latest state, best.pt the best val CE. Ctrl-C (SIGINT) or
 current step, writes ckpt.pt and says how to resume.
 """
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -35,7 +37,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from losses import DistillationLoss, Teacher, pad_examples
+import vocab
+from losses import KD_LOSSES, DistillationLoss, Teacher, pad_examples
+from matching import FeatureMatcher, attention_loss, head_groups, layer_map as map_layers, teacher_internals
 from model import EMA, Indra, IndraConfig, load_checkpoint
 from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
                      teacher_flops_per_token)
@@ -90,6 +94,17 @@ temperature_end = 1.0
 label_smoothing = 0.0  # for the CE part (seed 002 used 0.1)
 logit_clamp = 0.0  # > 0: the student's logits are bounded to (-c, c) by c * tanh(logits / c) (seed 002 used 30)
 loss_chunk_tokens = 1024  # tokens per pass through the vocabulary-wide heads (bounds the loss's memory)
+kd_loss = 'forward_kl'  # the divergence: 'forward_kl' | 'reverse_kl' | 'jsd' | 'tvd' | 'skew_kl' (losses.py)
+jsd_beta = 0.5  # jsd: the teacher's weight in the mixture; 0 is forward KL, 1 reverse KL (GKD)
+skew_alpha = 0.1  # skew_kl: KL(teacher || alpha teacher + (1 - alpha) student) (DistiLLM)
+kd_top_k = 0  # > 0: the divergence on the union of the teacher's and the student's top-k tokens only (seed 002)
+# matching the teacher's insides (seed 003), on student blocks mapped to teacher layers
+feature_weight = 0.0  # > 0: + feature_weight x the feature loss (learned projections to the teacher's width)
+feature_loss = 'mse'  # 'mse' (on RMS-normalized teacher features) | 'cosine'
+attention_weight = 0.0  # > 0: + attention_weight x KL(teacher attention || student attention), GQA-aware
+layer_map = []  # [[student block, teacher layer], ...]; [] = evenly spaced, the last block on the last layer
+# a student with its own tokenizer (seed 002)
+student_tokenizer = ''  # '' = the teacher's | 'bpe8192': a byte-level BPE of 8,192 tokens trained by data prep
 # optimizer
 optimizer = 'adamw'  # 'adamw' (torch) | 'adamw8bit' (bitsandbytes, CPU and CUDA)
 learning_rate = 1e-3  # peak learning rate
@@ -115,7 +130,7 @@ dtype = 'bfloat16'  # 'bfloat16' | 'float16' (CUDA only, with GradScaler) | 'flo
 compile = False  # torch.compile the student (needs a C/C++ compiler on CPU; compiles for a minute first)
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str, dict)]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str, dict, list)]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}
 
@@ -187,6 +202,27 @@ for pattern, mult in lr_multipliers.items():
     if not isinstance(pattern, str) or type(mult) not in (int, float) or mult < 0:
         fail(f"lr_multipliers maps name patterns to multipliers >= 0, e.g. {{'blocks.0.*': 0.5}}; "
              f"got {pattern!r}: {mult!r}")
+if kd_loss not in KD_LOSSES:
+    fail(f"--kd_loss={kd_loss!r}: choose one of {', '.join(KD_LOSSES)}")
+for name in ('jsd_beta', 'skew_alpha'):
+    if not 0.0 <= config[name] <= 1.0:
+        fail(f"--{name}={config[name]} must be in [0, 1]")
+if kd_top_k < 0:
+    fail(f"--kd_top_k={kd_top_k} must be >= 0 (0 = the full vocabulary; seed 002 used 256)")
+if teacher_targets == 'cache' and (kd_loss != 'forward_kl' or kd_top_k or feature_weight or attention_weight):
+    fail("the teacher-targets cache holds top-k log-probs, enough for forward KL on the full vocabulary only; "
+         "--kd_loss, --kd_top_k, --feature_weight and --attention_weight need --teacher_targets=live")
+if feature_weight < 0 or attention_weight < 0:
+    fail(f"--feature_weight={feature_weight} and --attention_weight={attention_weight} must be >= 0 (0 = off)")
+if feature_loss not in ('mse', 'cosine'):
+    fail(f"--feature_loss={feature_loss!r}: choose mse or cosine")
+own_vocab = int(student_tokenizer[3:]) if re.fullmatch(r'bpe\d+', student_tokenizer) else 0
+if student_tokenizer and not own_vocab:
+    fail(f"--student_tokenizer={student_tokenizer!r}: use '' (the teacher's) or 'bpe<N>', e.g. bpe8192")
+if own_vocab and (feature_weight or attention_weight or teacher_targets == 'cache'):
+    fail("a student with its own tokenizer sees other tokens than the teacher: feature and attention matching "
+         "and the teacher-targets cache need the teacher's tokens; set --feature_weight=0 --attention_weight=0 "
+         "--teacher_targets=live, or --student_tokenizer=''")
 if wandb_log:  # optional loggers: checked now, before anything slow
     require('wandb', 'wandb_log')
 if aim_log:
@@ -224,7 +260,8 @@ check_linear_head(teacher_model, len(tokenizer))
 teacher_head = teacher_model.get_output_embeddings().weight.to(device)  # (V', C_teacher); a copy if device-mapped
 
 data_path = Path(data_dir) if data_dir else ROOT / 'data' / dataset / teacher_slug(teacher)
-if not (data_path / 'meta.json').exists():
+student_path = data_path / f'student-bpe{own_vocab}' if own_vocab else None  # the student's own token files
+if not all((p / 'meta.json').exists() for p in (data_path, student_path) if p):
     prepare_py = ROOT / 'data' / dataset / 'prepare.py'
     if not prepare_py.exists():
         fail(f"no token files in {data_path} and no {prepare_py.relative_to(ROOT)} to make them; check --dataset")
@@ -232,7 +269,10 @@ if not (data_path / 'meta.json').exists():
     spec = importlib.util.spec_from_file_location(f'prepare_{dataset}', prepare_py)
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    prepare.prepare(teacher, data_path)
+    if own_vocab and 'student_vocab' not in inspect.signature(prepare.prepare).parameters:
+        fail(f"{prepare_py.relative_to(ROOT)} cannot make a student tokenizer; use --student_tokenizer='' "
+             f"or --dataset=shakespeare")
+    prepare.prepare(teacher, data_path, **({'student_vocab': own_vocab} if own_vocab else {}))
 if ddp and master:
     dist.barrier()
 meta = json.loads((data_path / 'meta.json').read_text())
@@ -250,6 +290,26 @@ if curriculum and not examples:
          f"(meta.json format 'examples') or --curriculum=0")
 if examples and teacher_targets == 'cache':
     fail("the teacher-targets cache covers streams of text, not padded examples; use --teacher_targets=live")
+if examples and own_vocab:
+    fail("a student with its own tokenizer trains on streams of text, not on example data; use --student_tokenizer=''")
+student_tok, aligned = None, {}  # own vocabulary: the student's tokenizer; per split, both streams and their alignment
+if own_vocab:
+    from tokenizers import Tokenizer
+    student_tok = Tokenizer.from_file(str(student_path / 'tokenizer.json'))
+    student_meta = json.loads((student_path / 'meta.json').read_text())
+    if student_meta['teacher_tokenizer_hash'] != meta['tokenizer_hash']:
+        fail(f"{student_path} was made beside other teacher token files; delete it to prepare it again")
+    s_len, t_len = vocab.token_lengths(student_tok), vocab.token_lengths(tokenizer)
+    for split in ('train', 'val'):
+        s_ids = np.fromfile(student_path / f'{split}.bin', dtype=student_meta['dtype'])
+        t_ids = np.fromfile(data_path / f'{split}.bin', dtype=meta['dtype'])
+        s_ends, t_ends = vocab.ends(s_ids, s_len), vocab.ends(t_ids, t_len)
+        aligned[split] = (s_ids, t_ids, s_ends, t_ends, vocab.window_starts(s_ends, t_ends, block_size))
+        if not len(aligned[split][-1]):
+            fail(f"{split}: no window of {block_size} student tokens in {student_path}; lower --block_size")
+    share = (vocab.align(aligned['train'][3], aligned['train'][2]) >= 0).mean()
+    print(f"student tokenizer: byte-level BPE of {student_meta['vocab_size']:,} tokens ({student_path}); "
+          f"{share:.1%} of its training positions end where a teacher token ends and get a KD target")
 by_length = {}  # example data: example numbers, shortest first (the curriculum draws from the front)
 for split in ('train', 'val') if examples else ():
     for name in (f'{split}.idx', f'{split}.mask.bin'):
@@ -295,9 +355,19 @@ def get_batch(split, generator, it=0, load=True):
     """(ids (B, T), attention mask, loss mask, cached teacher targets): batch_size windows of block_size tokens
     of a text stream (all real tokens: no masks; the targets when training on the cache, else None), or padded
     examples (get_example_batch). The loss shifts by one inside. load=False draws the batch from generator
-    without reading it (another rank's share) and returns None."""
+    without reading it (another rank's share) and returns None. A student with its own tokenizer gets windows
+    of its tokens and, in the last place, the teacher's tokens of the same text with the alignment (vocab.py)."""
     if examples:
         return get_example_batch(split, generator, it, load)
+    if own_vocab:
+        s_ids, t_ids, s_ends, t_ends, starts = aligned[split]
+        ix = torch.randint(len(starts), (batch_size,), generator=generator)
+        if not load:
+            return None
+        # the teacher needs about as many tokens as the student for the same text; a few more leave room
+        x, tx, tmask, pos = vocab.aligned_batch(s_ids, t_ids, s_ends, t_ends, starts[ix.numpy()], block_size,
+                                                block_size + block_size // 4, meta['eos_id'])
+        return x.to(device), None, None, (tx.to(device), tmask.to(device), pos.to(device))
     data = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r')  # re-opened: np.memmap leaks otherwise
     if split == 'train' and cache is not None:  # the cache holds whole aligned blocks
         ix = torch.randint(cache['blocks'], (batch_size,), generator=generator) * block_size
@@ -317,7 +387,7 @@ def get_batch(split, generator, it=0, load=True):
 
 
 # ---- student, optimizer, resume ---------------------------------------------
-model_args = dict(vocab_size=teacher_vocab, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+model_args = dict(vocab_size=student_meta['vocab_size'] if own_vocab else teacher_vocab, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   dropout=dropout, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
                   logit_clamp=logit_clamp)
 if checkpoint is not None:
@@ -330,11 +400,37 @@ if checkpoint is not None:
 model = Indra(IndraConfig(**model_args)).to(device)
 print(model.param_report())
 
+# Trained beside the student, thrown away after: projections to the teacher's width for feature matching, the
+# projector that gives a student with its own tokenizer the teacher's predictions in its vocabulary.
+aux = torch.nn.ModuleDict()
+tc = teacher_model.config
+pairs, s_layers, t_layers, s_att, t_att = [], (), (), (), ()  # mapped student blocks and teacher layers
+if feature_weight or attention_weight:
+    try:
+        pairs = map_layers(n_layer, tc.num_hidden_layers, layer_map or None)
+        if attention_weight:
+            head_groups(n_head, tc.num_attention_heads, tc.num_key_value_heads)
+            if any(t == 0 for _, t in pairs):
+                raise ValueError(f"layer_map {layer_map}: teacher layer 0 is the embeddings, which have no attention")
+    except ValueError as e:
+        fail(str(e))
+    print(f"matching student blocks to teacher layers {pairs}: "
+          + ', '.join(f"{name} x{w:g}" for name, w in (('features', feature_weight), ('attention', attention_weight)) if w))
+if feature_weight:
+    aux['features'] = FeatureMatcher(pairs, n_embd, tc.hidden_size, feature_loss)
+    s_layers, t_layers = tuple(s for s, _ in pairs), tuple(t for _, t in pairs)
+if attention_weight:
+    s_att, t_att = tuple(s for s, _ in pairs), tuple(t for _, t in pairs)
+if own_vocab:
+    aux['projector'] = vocab.Projector(tc.hidden_size, n_embd)
+aux.to(device)
+
 
 def param_groups():
     """One group per (LR multiplier, weight decay): decay on matrices and embeddings, none on norm gains;
     lr_multipliers scale the LR of the parameters whose names match a pattern (seed 004 gave a projector 5x)."""
-    named = list(model.named_parameters())  # the tied head is the embedding: listed once, as wte.weight
+    # the tied head is the embedding: listed once, as wte.weight; then features.*, projector.*
+    named = list(model.named_parameters()) + list(aux.named_parameters())
     for pattern in lr_multipliers:
         if not any(fnmatch(name, pattern) for name, _ in named):
             fail(f"lr_multipliers pattern {pattern!r} matches no parameter; names look like "
@@ -370,6 +466,12 @@ ema = EMA(model, ema_decay) if ema_decay else None
 iter_num, best_val, bad_evals, skipped_total, evaluated = 0, float('inf'), 0, 0, False
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
+    saved_aux = checkpoint.get('aux', {})
+    if set(saved_aux) != set(aux.state_dict()):
+        fail(f"{out_path / 'ckpt.pt'} was trained with {sorted({k.split('.')[0] for k in saved_aux}) or 'no'} "
+             f"auxiliary modules, this run asks for {sorted(aux.keys()) or 'none'}; resume with the checkpoint's "
+             f"feature_weight and student_tokenizer")
+    aux.load_state_dict(saved_aux)
     opt.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     if ema is not None:
@@ -391,9 +493,10 @@ if checkpoint is not None:
     print(f"resumed from {out_path / 'ckpt.pt'} at step {iter_num} (best val CE {best_val:.4f})")
     checkpoint = None  # free it
 
-criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp)
+criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp, kd_loss,
+                             jsd_beta, skew_alpha, kd_top_k)
 eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens, logit_clamp=logit_clamp)
-eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)  # for the teacher: no clamp
+eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)  # for the teacher and the projector: no clamp
 
 
 class HiddenStates(torch.nn.Module):
@@ -404,8 +507,8 @@ class HiddenStates(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx, attention_mask=None):
-        return self.model.hidden_states(idx, attention_mask)
+    def forward(self, idx, attention_mask=None, layers=(), attention_layers=()):
+        return self.model.hidden_states(idx, attention_mask, layers, attention_layers)
 
 
 hidden_states = HiddenStates(model)
@@ -450,8 +553,60 @@ def get_temperature(it):
 
 
 def run_teacher(x, attention_mask=None):
+    """The teacher on a batch of its tokens: a Teacher for the loss, and the hidden states and attention of the
+    layers mapped for matching ({} when nothing is matched)."""
     with torch.no_grad(), autocast:
-        return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask).to(device), head=teacher_head)
+        if not (t_layers or t_att):
+            return Teacher(hidden=teacher_hidden(teacher_model, x, attention_mask).to(device), head=teacher_head), {}
+        last, inside = teacher_internals(teacher_model, x, attention_mask, t_layers, t_att)
+        return Teacher(hidden=last.to(device), head=teacher_head), inside
+
+
+def aligned_teacher(tx, tmask, pos):
+    """A student with its own tokenizer: the teacher's final hidden state on its tokens tx of the same text, taken
+    at the positions aligned with the student's (B, T, Ct), and where there is one (B, T) bool."""
+    with torch.no_grad(), autocast:
+        h = teacher_hidden(teacher_model, tx, tmask).to(device)  # (B, Lt, Ct)
+    return h.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, h.size(-1))), pos >= 0
+
+
+def through_projector(h, has, x):
+    """The projector's view of the aligned teacher states h: a Teacher for the KD term (its logits over the
+    student's vocabulary under a stop-gradient, through the student's head, detached) and the projector's own
+    loss, CE on the student's next tokens where the teacher has a state (seed 004: this trains it; a projector
+    trained by the KD term would just learn to agree with the student)."""
+    head = model.lm_head.weight.detach()
+    with autocast:
+        p = aux['projector'](h)  # (B, T, C)
+        targets = torch.cat([torch.zeros_like(has[:, :1]), has[:, :-1]], dim=1)  # loss masks mark the token predicted
+        p_ce = eval_ce(p, head, x, None, targets)[0]
+    return Teacher(hidden=p.detach(), head=head, mask=has), p_ce
+
+
+def micro_step_loss(x, am, lm, t):
+    """The loss of one micro-batch, to backprop, and its parts, detached, for the log: 'ce', 'kl' (the
+    divergence kd_loss), and when switched on 'feature', 'attention' and 'projector_ce' (the projector's CE)."""
+    inside, parts = {}, {}
+    if own_vocab:
+        t, p_ce = through_projector(*aligned_teacher(*t), x)
+        parts['projector_ce'] = p_ce.detach()
+    elif t is None and (criterion.kd_weight > 0 or pairs):
+        t, inside = run_teacher(x, am)
+    with autocast:
+        if pairs:
+            h, mine = train_hidden(x, am, s_layers, s_att)
+        else:
+            h = train_hidden(x, am)
+        loss, parts['ce'], parts['kl'] = criterion(h, model.lm_head.weight, x, am, lm, teacher=t)
+        if own_vocab:
+            loss = loss + p_ce
+        if feature_weight:
+            parts['feature'] = aux['features'](mine['hidden'], inside['hidden'], am)
+            loss = loss + feature_weight * parts['feature']
+        if attention_weight:
+            parts['attention'] = attention_loss(mine['attention'], inside['attention'], pairs, am, tc.num_key_value_heads)
+            loss = loss + attention_weight * parts['attention']
+    return loss, {k: v.detach().float().item() for k, v in parts.items()}
 
 
 def all_sum(t):
@@ -480,8 +635,11 @@ def held_out_batches():
             batch = get_batch('val', gen, load=i % world_size == rank)
             if batch is None:
                 continue
-            x, am, lm, _ = batch
-            t = run_teacher(x, am)
+            x, am, lm, t = batch
+            if own_vocab:  # the teacher's aligned states; their CE depends on the projector, so evaluate() takes it
+                batches.append((x, am, lm, aligned_teacher(*t)))
+                continue
+            t = run_teacher(x, am)[0]
             with autocast:
                 t_ce += eval_ce(t.hidden, t.head[:model.config.vocab_size], x, am, lm)[1].float().cpu()
             batches.append((x, am, lm, t))
@@ -491,16 +649,21 @@ def held_out_batches():
 
 @torch.no_grad()
 def evaluate():
-    """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE."""
+    """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE. A student
+    with its own tokenizer: KL from the projected teacher, and the projected teacher's CE on the student's tokens."""
     batches, t_ce = held_out_batches()
     model.eval()
-    totals = torch.zeros(2)
+    totals = torch.zeros(3)
     for x, am, lm, t in batches:
+        if own_vocab:
+            t, p_ce = through_projector(*t, x)
+            totals[2] += p_ce.float().cpu()
         with autocast:
             _, ce, kl = eval_kl(hidden_states(x, am), model.lm_head.weight, x, am, lm, teacher=t)
-        totals += torch.stack([ce.float().cpu(), kl.float().cpu()])
+        totals[:2] += torch.stack([ce.float().cpu(), kl.float().cpu()])
     model.train()
-    ce, kl = (all_sum(totals) / eval_iters).tolist()
+    ce, kl, p_ce = (all_sum(totals) / eval_iters).tolist()
+    t_ce = p_ce if own_vocab else t_ce
     return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce, 'teacher_val_ppl': math.exp(t_ce)}
 
 
@@ -523,11 +686,13 @@ def watch():
         torch.manual_seed(seed)
         for prompt in WATCH_PROMPTS['chat' if chat else 'text']:
             text = chat_prompt(tokenizer, prompt) if chat else prompt
-            ids = encode(tokenizer_enc, tokenizer, text)[-(block_size // 2):]
+            ids = student_tok.encode(text).ids if own_vocab else encode(tokenizer_enc, tokenizer, text)
+            ids = ids[-(block_size // 2):]
             with autocast:
                 out = model.generate(torch.tensor([ids], device=device), watch_tokens, temperature=1.0)
             new = out[0, len(ids):].tolist()
-            results.append({'prompt': prompt, 'sample': tokenizer.decode(new), **repetition(new)})
+            sample = (student_tok if own_vocab else tokenizer).decode(new)
+            results.append({'prompt': prompt, 'sample': sample, **repetition(new)})
     model.train()
     return results
 
@@ -544,11 +709,13 @@ def save(path, evaluated):
            'numpy_pos': list(numpy_state[2:])}
     if device_type == 'cuda':
         rng['cuda'] = torch.cuda.get_rng_state_all()
-    state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
-             'ema': None if ema is None else ema.state_dict(), 'model_args': model_args, 'config': config,
-             'iter_num': iter_num, 'evaluated': evaluated, 'best_val': best_val, 'bad_evals': bad_evals,
-             'skipped_total': skipped_total, 'rng': rng, 'tokenizer_hash': tokenizer_hash(tokenizer),
-             'eos_id': meta['eos_id']}
+    state = {'model': model.state_dict(), 'aux': aux.state_dict(), 'optimizer': opt.state_dict(),
+             'scaler': scaler.state_dict(), 'ema': None if ema is None else ema.state_dict(), 'model_args': model_args,
+             'config': config, 'iter_num': iter_num, 'evaluated': evaluated, 'best_val': best_val,
+             'bad_evals': bad_evals, 'skipped_total': skipped_total, 'rng': rng,
+             'tokenizer_hash': tokenizer_hash(tokenizer),  # the teacher's; a student with its own keeps it whole:
+             'student_tokenizer': student_tok.to_str() if own_vocab else None,  # sample.py and eval.py need no data
+             'eos_id': student_meta['eos_id'] if own_vocab else meta['eos_id']}
     tmp = path.with_suffix('.tmp')
     with open(tmp, 'wb') as f:
         torch.save(state, f)
@@ -615,6 +782,10 @@ if plot:
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 skipped_in_a_row = 0
+# the parts of the loss in the log ('kl' is the divergence kd_loss), and what is trained
+LOGGED = ['loss', 'ce', 'kl'] + ['projector_ce'] * bool(own_vocab) + ['feature'] * bool(feature_weight) \
+    + ['attention'] * bool(attention_weight)
+trained = list(model.parameters()) + list(aux.parameters())
 model.train()
 while True:
     lr = get_lr(iter_num)
@@ -627,8 +798,9 @@ while True:
         if not math.isfinite(stats['val_ce']):
             fail(f"step {iter_num}: held-out CE is {stats['val_ce']}; the weights are broken, so nothing was saved: "
                  f"{out_path / 'ckpt.pt'} holds the last good state (resume it with a lower --learning_rate)")
-        line = (f"step {iter_num}: val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to teacher "
-                f"{stats['val_kl']:.4f}, teacher CE {stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
+        who = 'projected teacher' if own_vocab else 'teacher'  # own tokenizer: the teacher through the projector
+        line = (f"step {iter_num}: val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to {who} "
+                f"{stats['val_kl']:.4f}, {who} CE {stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
         if ema is not None:
             with ema.applied(model):
                 ema_stats = evaluate()
@@ -664,27 +836,29 @@ while True:
     if device_type == 'cuda':
         torch.cuda.synchronize()
     t_start = time.perf_counter()
-    parts = torch.zeros(5)  # loss, ce, kl, tokens, longest real sequence
+    sums = torch.zeros(len(LOGGED) + 1)  # each logged part, then the tokens computed
+    longest = 0  # the longest real sequence, on this rank
     for micro_step in range(gradient_accumulation_steps):  # the global batch, drawn alike on every rank
         batch = get_batch('train', data_gen, iter_num, load=micro_step % world_size == rank)
         if batch is None:
             continue  # another rank's micro-step
-        x, am, lm, t = batch
-        if t is None and criterion.kd_weight > 0:
-            t = run_teacher(x, am)
         # DDP averages the gradients over the ranks at the last micro-step of each rank, not before
         last = micro_step >= gradient_accumulation_steps - world_size
         with nullcontext() if last or not ddp else train_hidden.no_sync():
-            with autocast:
-                loss, ce, kl = criterion(train_hidden(x, am), model.lm_head.weight, x, am, lm, teacher=t)
+            loss, parts = micro_step_loss(*batch)
             scaler.scale(loss / micro_steps).backward()  # / micro_steps, then DDP's mean over ranks: / accumulation
-        longest = x.shape[1] if am is None else am.sum(1).max().item()
-        parts += torch.tensor([loss.item(), ce.item(), kl.item(), x.numel(), 0.0])
-        parts[4] = max(parts[4], longest)
+        x, am = batch[:2]
+        sums += torch.tensor([loss.item()] + [parts[k] for k in LOGGED[1:]] + [x.numel()])
+        longest = max(longest, x.shape[1] if am is None else am.sum(1).max().item())
+    if ddp:  # the auxiliary modules are outside DDP: average their gradients here
+        for p in aux.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
     scaler.unscale_(opt)  # true gradients (a no-op unless float16), for clipping and the logged norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
-    longest = parts[4].item()  # this rank's; the sums are over all ranks
-    loss, ce, kl, tokens = (all_sum(parts[:4]) / torch.tensor([gradient_accumulation_steps] * 3 + [1])).tolist()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip if grad_clip > 0 else math.inf).item()
+    sums = all_sum(sums)
+    logged = dict(zip(LOGGED, (sums[:-1] / gradient_accumulation_steps).tolist()))
+    loss, tokens = logged['loss'], sums[-1].item()
     # A non-finite loss or gradient skips the step: the weights, the optimizer and the EMA stay as they were.
     # Never zero a NaN loss and go on (seed 002's clamp-to-zero hid the bug it was meant to fix).
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -705,7 +879,7 @@ while True:
     tok_s = tokens / dt  # padded examples: the tokens that were computed
     mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / (peak * world_size) if peak else None
     mem = memory(device_type)
-    record = {'iter': iter_num, 'loss': loss, 'ce': ce, 'kl': kl, 'kd_weight': criterion.kd_weight,
+    record = {'iter': iter_num, **logged, 'kd_weight': criterion.kd_weight,
               'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),
               'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': batch_size * gradient_accumulation_steps / dt,
               'tokens_per_s': tok_s, 'mfu': mfu, 'longest': int(longest), **mem}
@@ -721,7 +895,8 @@ while True:
                  f"stopped. {out_path / 'ckpt.pt'} holds the last good state: resume it with a lower "
                  f"--learning_rate, --logit_clamp=30 or --grad_clip=1, or check the data")
     elif iter_num % log_interval == 0:
-        print(f"iter {iter_num}: loss {loss:.4f} (ce {ce:.4f}, kl {kl:.4f}, kd {criterion.kd_weight:.2f}, "
+        print(f"iter {iter_num}: loss {loss:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in logged.items() if k != 'loss')}, "
+              f"kd {criterion.kd_weight:.2f}, "
               f"T {criterion.temperature:.2f}) | lr {lr:.2e}, grad norm {grad_norm:.2f} | {dt * 1000:.0f} ms, "
               f"{record['samples_per_s']:.1f} samples/s, {tok_s:,.0f} tok/s, MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}"
               f" | {memory_text(mem)}", flush=True)
