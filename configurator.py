@@ -38,7 +38,7 @@ def configure(defaults, argv):
             path = Path(arg)
             if not path.is_file():
                 raise SystemExit(f"indra: config file {arg!r} not found; give a path like config/shakespeare.py")
-            namespace = {}
+            namespace = {'__file__': str(path)}  # a config may start from another: see config/shakespeare_features.py
             exec(compile(path.read_text(), str(path), 'exec'), namespace)
             for key, value in namespace.items():
                 if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':

@@ -12,7 +12,10 @@ Data-parallel on N GPUs of one node (or N CPU processes, gloo), the same global 
     torchrun --standalone --nproc_per_node=N train.py config/indra_agent.py
 
 One optimizer step = batch_size x block_size tokens per micro-step x gradient_accumulation_steps.
-The loss is (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher_T || student_T), see losses.py.
+The loss is (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T), D = kd_loss (forward KL by
+default, losses.py), plus feature_weight x feature matching and attention_weight x attention matching
+(matching.py); a student with its own tokenizer (student_tokenizer, vocab.py) learns from the teacher
+through a projector that is trained beside it.
 Every step is a record in out_dir/log.jsonl, drawn into out_dir/training.png at each evaluation (plot.py);
 out_dir/ckpt.pt is the latest state, best.pt the best val CE. Ctrl-C (SIGINT) or SIGTERM finishes the
 current step, writes ckpt.pt and says how to resume.
@@ -572,9 +575,9 @@ def aligned_teacher(tx, tmask, pos):
 
 def through_projector(h, has, x):
     """The projector's view of the aligned teacher states h: a Teacher for the KD term (its logits over the
-    student's vocabulary under a stop-gradient, through the student's head, detached) and the projector's own
-    loss, CE on the student's next tokens where the teacher has a state (seed 004: this trains it; a projector
-    trained by the KD term would just learn to agree with the student)."""
+    student's vocabulary through the student's head, all under a stop-gradient) and the projector's own loss,
+    CE on the student's next tokens where the teacher has a state (this trains it; a projector trained by the
+    KD term would just learn to agree with the student)."""
     head = model.lm_head.weight.detach()
     with autocast:
         p = aux['projector'](h)  # (B, T, C)
