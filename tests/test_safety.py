@@ -125,8 +125,8 @@ def inject_nan(monkeypatch, steps, accumulation=2):
     """Make the student's hidden states NaN on the first micro-step of the given optimizer steps (training only)."""
     original, calls = model_module.Indra.hidden_states, [0]
 
-    def hidden_states(self, idx, attention_mask=None):
-        h = original(self, idx, attention_mask)
+    def hidden_states(self, idx, attention_mask=None, *layers):
+        h = original(self, idx, attention_mask, *layers)
         if self.training:
             step, calls[0] = calls[0] // accumulation, calls[0] + 1
             if steps == 'all' or step in steps:
