@@ -2,7 +2,7 @@
 subset KD, feature and attention matching, and a student with its own tokenizer (trained, resumed, evaluated
 in bits per byte beside the teacher, sampled). The losses themselves are tested in test_divergences.py,
 test_matching.py and test_vocab.py.
-Run: python -m pytest tests/test_distill.py"""
+Run: python -m pytest tests/test_distill.py    (the own-tokenizer run is marked slow: -m slow)"""
 import json
 import math
 import subprocess
@@ -64,6 +64,7 @@ def test_bad_settings_are_one_line(tiny_teacher, tiny_data, tmp_path, override, 
     assert not (tmp_path / 'out' / 'ckpt.pt').exists()
 
 
+@pytest.mark.slow
 def test_student_with_its_own_tokenizer(tiny_teacher, tiny_data, tmp_path):
     """student_tokenizer='bpe512': data prep trains the BPE, the student trains on its own tokens with KD from the
     projected teacher on aligned positions, the projector's CE falls, and eval.py puts it beside the teacher and a

@@ -2,7 +2,7 @@
 like one process with the same global batch, a run resumes on another number of ranks), the teacher-targets
 cache built by two ranks is the file one process writes, a device-mapped teacher, and eval.py measuring a
 teacher loaded another way (quantized on CUDA; here another dtype) against itself.
-Run: python -m pytest tests/test_scale.py"""
+Run: python -m pytest tests/test_scale.py    (the resume and the cache build are marked slow: -m slow)"""
 import json
 import os
 import subprocess
@@ -58,6 +58,7 @@ def test_two_ranks_train_like_one_process(tiny_teacher, tiny_data, tmp_path, one
     assert sorted(p.name for p in out.iterdir()) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
 
 
+@pytest.mark.slow
 def test_two_rank_run_resumes_as_one_process(tiny_teacher, tiny_data, tmp_path, one_process):
     out = tmp_path / 'resumed'
     torchrun(2, 'train.py', *tiny_args(tiny_teacher, tiny_data, out, **{**COMMON, 'max_iters': 2}))
@@ -75,6 +76,7 @@ def test_accumulation_must_divide_among_ranks(tiny_teacher, tiny_data, tmp_path)
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_build_the_cache_one_process_writes(tiny_teacher, tiny_data, tmp_path):
     """5 batches of blocks over 2 ranks (3 + 2), written in place: the files equal a single process's."""
     from teacher import targets_dir
