@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
+import vocab
 from losses import counted_tokens, pad_examples
 from model import Indra, IndraConfig, load_checkpoint
 from monitor import collapsed, repetition
-import vocab
 from teacher import chat_batch, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
 
 ROOT = Path(__file__).resolve().parent
@@ -282,7 +282,8 @@ def main():
         results['teacher_vs'] = {'as': args.teacher_vs, **per_student[-1]}
     print(f"\n{teacher['tokens']:,} held-out tokens ({teacher['bytes']:,} bytes)")
     print(f"{'model':<42} {'CE':>7} {'ppl':>9} {'bits/byte':>9} {'KL(t||s)':>9} {'top-1 agree':>11}")
-    print(f"{'teacher ' + first['teacher'] + ' ' + args.dtype:<42} {teacher['ce']:7.4f} {teacher['ppl']:9.1f} {teacher['bits_per_byte']:9.4f}")
+    print(f"{'teacher ' + first['teacher'] + ' ' + args.dtype:<42} {teacher['ce']:7.4f} {teacher['ppl']:9.1f} "
+          f"{teacher['bits_per_byte']:9.4f}")
     for name, s in zip(names, per_student):
         own_vocab = s['kl'] is None  # its own tokenizer: CE over its own tokens, no KL or agreement with the teacher
         print(f"{name[-42:]:<42} {s['ce']:7.4f} {s['ppl']:9.1f} {s['bits_per_byte']:9.4f} "

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
 import vocab
+from configurator import configure
 from losses import KD_LOSSES, DistillationLoss, Teacher, pad_examples
 from matching import FeatureMatcher, attention_loss, head_groups, layer_map as map_layers, teacher_internals
 from model import EMA, Indra, IndraConfig, load_checkpoint
@@ -183,7 +183,8 @@ if total_batch_size:  # stated in tokens (STYLE 6): the accumulation follows fro
     gradient_accumulation_steps = config['gradient_accumulation_steps'] = total_batch_size // (batch_size * block_size)
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is shared among {world_size} ranks, so it must be "
-         f"a multiple of {world_size}; use --gradient_accumulation_steps={world_size * -(-gradient_accumulation_steps // world_size)}")
+         f"a multiple of {world_size}; use "
+         f"--gradient_accumulation_steps={world_size * -(-gradient_accumulation_steps // world_size)}")
 micro_steps = gradient_accumulation_steps // world_size  # per rank and optimizer step
 schedule_iters = lr_decay_iters or max_iters  # the length of every schedule: LR, KD warmup, temperature, curriculum
 if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
@@ -254,8 +255,8 @@ print(f"tokens per optimizer step: {tokens_per_iter:,} = {gradient_accumulation_
 if not master:
     dist.barrier()  # rank 0 fetches, converts and prepares first; the others then find everything done
 t0 = time.time()
-teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device, quantization=teacher_quantization,
-                                                       device_map=teacher_device_map)
+teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device,
+                                                       quantization=teacher_quantization, device_map=teacher_device_map)
 teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]  # the logit width, may exceed len(tokenizer)
 print(f"teacher {teacher}: {sum(p.numel() for p in teacher_model.parameters()) / 1e6:.1f}M parameters, "
       f"{teacher_vocab} logits, loaded in {time.time() - t0:.1f}s")
@@ -390,7 +391,8 @@ def get_batch(split, generator, it=0, load=True):
 
 
 # ---- student, optimizer, resume ---------------------------------------------
-model_args = dict(vocab_size=student_meta['vocab_size'] if own_vocab else teacher_vocab, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+model_args = dict(vocab_size=student_meta['vocab_size'] if own_vocab else teacher_vocab, block_size=block_size,
+                  n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   dropout=dropout, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
                   logit_clamp=logit_clamp)
 if checkpoint is not None:
