@@ -79,7 +79,6 @@ def batches(path, meta, split, block_size, batch_size, max_tokens):
 def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, batch_size, max_tokens, device, autocast):
     """Sums over the counted targets for every student and the teacher -> the metrics per model."""
     t_model, t_head = teacher[0], teacher[1].float()
-    V = t_head.shape[0]  # the students' vocabulary is the teacher's logit width
     sums = defaultdict(float)
     for x, am, lm in batches(path, meta, split, block_size, batch_size, max_tokens):
         x, am = x.to(device), am.to(device)
@@ -102,12 +101,16 @@ def token_metrics(students, teacher, tok_bytes, path, meta, split, block_size, b
                 sums[k, 'nll'] += -s_logp.gather(1, yi[:, None]).sum().item()
                 sums[k, 'kl'] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
                 sums[k, 'top1'] += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
-    n, nbytes = sums['tokens'], max(sums['bytes'], 1)
+    n, nbytes = sums['tokens'], sums['bytes']
     assert n > 0, f"no held-out tokens count in {path / split}.bin; check the data"
-    per_model = lambda nll: {'ce': nll / n, 'ppl': math.exp(nll / n), 'bits_per_byte': nll / (math.log(2) * nbytes)}
-    out = [{**per_model(sums[k, 'nll']), 'kl': sums[k, 'kl'] / n, 'top1_agreement': sums[k, 'top1'] / n}
+    out = [{**rates(sums[k, 'nll'], n, nbytes), 'kl': sums[k, 'kl'] / n, 'top1_agreement': sums[k, 'top1'] / n}
            for k in range(len(students))]
-    return out, {**per_model(sums['teacher_nll']), 'tokens': int(n), 'bytes': int(sums['bytes'])}
+    return out, {**rates(sums['teacher_nll'], n, nbytes), 'tokens': int(n), 'bytes': int(sums['bytes'])}
+
+
+def rates(nll, n, nbytes):
+    """CE, perplexity and bits per byte from a summed NLL (nats) over n targets that stand for nbytes bytes."""
+    return {'ce': nll / n, 'ppl': math.exp(nll / n), 'bits_per_byte': nll / (math.log(2) * max(nbytes, 1))}
 
 
 @torch.no_grad()
@@ -129,8 +132,7 @@ def own_vocab_metrics(model, tok, path, split, block_size, batch_size, max_token
             logp = F.log_softmax(model.head(h[i:i + 512].float()).float(), -1)
             nll -= logp.gather(1, y[i:i + 512, None]).sum().item()
         n, nbytes = n + len(y), nbytes + lengths[y.cpu()].sum().item()
-    return {'ce': nll / n, 'ppl': math.exp(nll / n), 'bits_per_byte': nll / (math.log(2) * max(nbytes, 1)),
-            'kl': None, 'top1_agreement': None, 'tokens': n, 'bytes': nbytes}
+    return {**rates(nll, n, nbytes), 'kl': None, 'top1_agreement': None, 'tokens': n, 'bytes': nbytes}
 
 
 class TeacherAsStudent(nn.Module):

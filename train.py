@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import vocab
 from configurator import configure
-from losses import KD_LOSSES, DistillationLoss, Teacher, pad_examples
+from losses import DistillationLoss, Teacher, pad_examples
 from matching import FeatureMatcher, attention_loss, head_groups, layer_map as map_layers, teacher_internals
 from model import EMA, Indra, IndraConfig, load_checkpoint
 from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
@@ -206,13 +206,11 @@ for pattern, mult in lr_multipliers.items():
     if not isinstance(pattern, str) or type(mult) not in (int, float) or mult < 0:
         fail(f"lr_multipliers maps name patterns to multipliers >= 0, e.g. {{'blocks.0.*': 0.5}}; "
              f"got {pattern!r}: {mult!r}")
-if kd_loss not in KD_LOSSES:
-    fail(f"--kd_loss={kd_loss!r}: choose one of {', '.join(KD_LOSSES)}")
-for name in ('jsd_beta', 'skew_alpha'):
-    if not 0.0 <= config[name] <= 1.0:
-        fail(f"--{name}={config[name]} must be in [0, 1]")
-if kd_top_k < 0:
-    fail(f"--kd_top_k={kd_top_k} must be >= 0 (0 = the full vocabulary; seed 002 used 256)")
+try:  # the loss checks its own settings (kd_loss, jsd_beta, skew_alpha, kd_top_k): made now, before anything slow
+    criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp, kd_loss,
+                                 jsd_beta, skew_alpha, kd_top_k)
+except ValueError as e:
+    fail(f"--{e}")
 if teacher_targets == 'cache' and (kd_loss != 'forward_kl' or kd_top_k or feature_weight or attention_weight):
     fail("the teacher-targets cache holds top-k log-probs, enough for forward KL on the full vocabulary only; "
          "--kd_loss, --kd_top_k, --feature_weight and --attention_weight need --teacher_targets=live")
@@ -498,8 +496,6 @@ if checkpoint is not None:
     print(f"resumed from {out_path / 'ckpt.pt'} at step {iter_num} (best val CE {best_val:.4f})")
     checkpoint = None  # free it
 
-criterion = DistillationLoss(kd_weight, temperature, label_smoothing, loss_chunk_tokens, logit_clamp, kd_loss,
-                             jsd_beta, skew_alpha, kd_top_k)
 eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=loss_chunk_tokens, logit_clamp=logit_clamp)
 eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=loss_chunk_tokens)  # for the teacher and the projector: no clamp
 

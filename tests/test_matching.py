@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attention import additive_mask
 from matching import FeatureMatcher, attention_loss, head_groups, layer_map, teacher_internals
