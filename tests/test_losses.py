@@ -71,8 +71,10 @@ def test_matches_per_token_reference(kd_weight, T, smoothing):
         assert kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize('dtype,chunk', [(torch.float32, 1024), (torch.float32, 4), (torch.bfloat16, 5)])
-def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk):
+@pytest.mark.parametrize('dtype,chunk,T', [(torch.float32, 1024, 2.5), (torch.float32, 4, 2.5), (torch.float32, 4, 1.0),
+                                           (torch.bfloat16, 5, 2.5)])
+def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk, T):
+    """T = 1 is a path of its own: q_T is q, one softmax serves CE and KL."""
     h, W, th, tW, idx = data(B=3, L=9, V=700, Vt=768, C=16, Ct=12)  # row sub-chunks, a padded teacher
     am = torch.ones(3, 9, dtype=torch.long)
     am[0, :3] = 0
@@ -82,8 +84,8 @@ def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk):
     h, th = h.to(dtype), th.to(dtype)
     h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     h2, W2 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-    loss, _, _ = DistillationLoss(0.6, 2.5, 0.1, chunk_tokens=chunk)(h1, W1, idx, am, lm, Teacher(th, tW))
-    want = plain_autograd(h2 @ W2.to(dtype).T, th @ tW.to(dtype).T, idx, am, lm, 0.6, 2.5, 0.1)
+    loss, _, _ = DistillationLoss(0.6, T, 0.1, chunk_tokens=chunk)(h1, W1, idx, am, lm, Teacher(th, tW))
+    want = plain_autograd(h2 @ W2.to(dtype).T, th @ tW.to(dtype).T, idx, am, lm, 0.6, T, 0.1)
     (3 * loss).backward()
     (3 * want).backward()
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: logits and gradients are rounded to bf16
@@ -152,11 +154,12 @@ def sparse_targets(t, T, k):
     return top.indices, top.values
 
 
-def test_sparse_targets_equal_dense_when_k_covers_the_vocabulary():
+@pytest.mark.parametrize('T', [1.0, 2.0])
+def test_sparse_targets_equal_dense_when_k_covers_the_vocabulary(T):
     h, W, th, tW, idx = data(V=11)
-    ids, logp = sparse_targets(th @ tW.T, 2.0, k=11)
+    ids, logp = sparse_targets(th @ tW.T, T, k=11)
     h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
-    crit = DistillationLoss(0.7, 2.0)
+    crit = DistillationLoss(0.7, T)
     dense = crit(h1, W, idx, teacher=Teacher(th, tW))[0]
     sparse = crit(h2, W, idx, teacher=Teacher(ids=ids, logp=logp))[0]
     dense.backward()
@@ -165,10 +168,11 @@ def test_sparse_targets_equal_dense_when_k_covers_the_vocabulary():
     assert torch.allclose(h1.grad, h2.grad, atol=1e-6)
 
 
-def test_sparse_kl_and_gradient_equal_the_bucketed_formula():
+@pytest.mark.parametrize('T', [1.0, 1.5])
+def test_sparse_kl_and_gradient_equal_the_bucketed_formula(T):
     """top-k + tail bucket: KL over k tokens plus one bucket holding the rest of each distribution."""
     h, W, th, tW, idx = data(V=40, C=8)
-    T, k = 1.5, 6
+    k = 6
     ids, logp = sparse_targets(th @ tW.T, T, k)
     h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
     loss, _, kl = DistillationLoss(1.0, T)(h1, W, idx, teacher=Teacher(ids=ids, logp=logp))
