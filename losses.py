@@ -46,7 +46,7 @@ and tests/test_divergences.py hold it equal, values and gradients, to the plain 
 on full logits.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -245,7 +245,7 @@ class ChunkedKD(torch.autograd.Function):
         a, T, clamp, chunk = crit.kd_weight, crit.temperature, crit.logit_clamp, crit.chunk_tokens
         closed_form = crit.kd_loss == 'forward_kl' and not crit.kd_top_k  # the fast default: all of it in kd_rows
         N, V = h.shape[0], W.shape[0]
-        Wc = W.to(h.dtype)  # the head in the autocast dtype, as nn.Linear would use it
+        Wc = W.to(h.dtype)  # the head in h's dtype: the autocast dtype under autocast (DistillationLoss casts h)
         tW = None if teacher is None or teacher.head is None else teacher.head[:V].to(teacher.hidden.dtype)
         ce, kd = torch.zeros(N, device=h.device), torch.zeros(N, device=h.device)
         gh = torch.empty_like(h) if need_grad else None
@@ -336,6 +336,12 @@ class DistillationLoss(nn.Module):
         w = w[keep]
         labels = torch.cat([idx[:, 1:], idx[:, :1]], dim=1).view(-1)[keep]  # position t predicts token t+1
         teacher = None if teacher is None or self.kd_weight == 0 else teacher.rows(keep)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # the heads' matmuls in the autocast dtype, as nn.Linear's would be
+            amp = torch.get_autocast_dtype(device)  # (the student's final norm gives fp32 under autocast)
+            hidden = hidden.to(amp)
+            if teacher is not None and teacher.hidden is not None:
+                teacher = replace(teacher, hidden=teacher.hidden.to(amp))
         m = w if teacher is None or teacher.mask is None else w * teacher.mask.to(w.dtype)  # the KD rows
         w_ce, w_kd = w / w.sum().clamp(min=1.0), m / m.sum().clamp(min=1.0)  # an all-padding batch gives 0, not 0/0
         return ChunkedKD.apply(hidden.reshape(B * T, C)[keep], head, labels, w_ce, w_kd, teacher, self)

@@ -205,3 +205,23 @@ def test_logit_clamp_equals_autograd_through_the_bound():
         assert torch.allclose(a, b, atol=1e-5 * b.abs().max()), (a - b).abs().max()
     unclamped, _, _ = DistillationLoss(0.5, 2.0)(h, W, idx, teacher=Teacher(th, tW))
     assert abs(unclamped.item() - loss.item()) > 1.0  # the switch changes the loss: the test above is not vacuous
+
+
+def test_autocast_runs_the_heads_in_its_dtype():
+    """Under autocast the student's final norm hands over fp32 hidden states; the heads' matmuls must still run in
+    the autocast dtype, as nn.Linear's would: the loss and the gradients equal those of bf16 inputs without
+    autocast, and the fp32 inputs get fp32 gradients."""
+    h, W, th, tW, idx = data(B=2, L=9, V=300, C=16, Ct=12)
+    crit = DistillationLoss(0.6, 1.0, chunk_tokens=5)
+    h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    h2, W2 = h.bfloat16().requires_grad_(True), W.clone().requires_grad_(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = crit(h1, W1, idx, teacher=Teacher(th, tW))[0]
+    want = crit(h2, W2, idx, teacher=Teacher(th.bfloat16(), tW))[0]
+    loss.backward()
+    want.backward()
+    assert loss.item() == want.item()
+    assert h1.grad.dtype == torch.float32 and torch.equal(h1.grad, h2.grad.float())
+    assert torch.equal(W1.grad, W2.grad)
+    fp32 = crit(h, W, idx, teacher=Teacher(th, tW))[0]
+    assert fp32.item() != loss.item()  # bf16 heads give another value: the test above is not vacuous
