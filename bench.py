@@ -1,12 +1,13 @@
 """
 Speed and memory of indra's hot paths: every row compares two or three ways of doing the same
-work, measured in this one process, one after the other, and printed as a ratio.
+work, measured in this one process, in turns, and printed as a ratio.
 
     python bench.py                 # CPU: about 6 minutes on 2 cores
     python bench.py --device=cuda   # one GPU (tokens for the loss rows: 8,192)
 
-Timing: each case runs once to warm up, then `repeats` times; CUDA is synchronized before the
-clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
+Timing: the cases of a row each run once to warm up, then take turns for `repeats` rounds, and
+each case's median is kept: a machine whose speed drifts (a shared CPU's does, by up to 1.5x over
+minutes) then slows every case of a row alike. CUDA is synchronized before the clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
 memory sampled every millisecond while the case runs once, minus what was resident before
 (PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU is
 counted as in monitor.py: PaLM's FLOPs per token for student and teacher against a peak measured
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--repeats', type=int, default=3)
+parser.add_argument('--repeats', type=int, default=5)
 parser.add_argument('--recipe_teacher', default='Qwen/Qwen2.5-0.5B-Instruct',
                     help='GPU only: the teacher of the seed 000 recipe row (a hub id in the local cache, or a path)')
 args = parser.parse_args()
@@ -48,15 +49,18 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats=args.repeats):
-    """Seconds per call, after one warm-up call."""
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats
+def timed(cases, repeats=args.repeats):
+    """{name: median seconds per call} of the functions in cases, after one warm-up call each, timed in turns."""
+    times = {name: [] for name in cases}
+    for rnd in range(repeats + 1):
+        for name, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if rnd:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def peak_bytes(make):
@@ -102,11 +106,11 @@ for dtype in (torch.float32, torch.bfloat16):
     for T, B in ((256, 8), (1024, 2)):
         torch.manual_seed(0)
         x = torch.randn(B, T, 384, device=device)
-        out, times = {}, {}
-        for impl in ('reference', 'sdpa'):
+        amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+        def case(impl):
             torch.manual_seed(1)
             attn = ComplexAttention(384, 6, T, attn_impl=impl).to(device)
-            amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
             def step():
                 xi = x.detach().requires_grad_(True)
@@ -114,8 +118,10 @@ for dtype in (torch.float32, torch.bfloat16):
                     y = attn(xi)
                 y.float().square().mean().backward()
                 return y
-            out[impl] = step().float()
-            times[impl] = timed(step)
+            return step
+        cases = {impl: case(impl) for impl in ('reference', 'sdpa')}
+        out = {impl: step().float() for impl, step in cases.items()}
+        times = timed(cases)
         diff = (out['reference'] - out['sdpa']).abs().max().item()
         row(f"attention {str(dtype)[6:]} T={T} B={B}", 'reference', ms(times['reference']), 'sdpa',
             ms(times['sdpa']), f"-> sdpa {times['reference'] / times['sdpa']:.1f}x faster, max |diff| {diff:.1e}")
@@ -156,7 +162,8 @@ def loss_case(kind, N, V, C, Ct):
 N = 8192 if cuda else 2048
 print(f"KD loss over {N} tokens, forward + backward (bf16 hidden states, fp32 softmax)", flush=True)
 for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
-    t_naive, t_chunk = timed(loss_case('naive', N, V, C, Ct)()), timed(loss_case('chunked', N, V, C, Ct)())
+    t = timed({kind: loss_case(kind, N, V, C, Ct)() for kind in ('naive', 'chunked')})
+    t_naive, t_chunk = t['naive'], t['chunked']
     m_naive, m_chunk = peak_bytes(loss_case('naive', N, V, C, Ct)), peak_bytes(loss_case('chunked', N, V, C, Ct))
     row(f"loss V={V} time", 'naive', ms(t_naive), 'chunked', ms(t_chunk), f"-> chunked {t_chunk / t_naive:.2f}x the time")
     row(f"loss V={V} peak memory", 'naive', f"{m_naive / 2**30:.2f} GiB", 'chunked', f"{m_chunk / 2**30:.2f} GiB",
@@ -166,7 +173,9 @@ for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
 # ---- a training step: live teacher vs cached targets vs CE only (the quickstart config) ----
 from teacher import build_targets, load_teacher, teacher_hidden  # noqa: E402  (slow imports, only here)
 
-spec, block, batch = 'smollm2-135m-instruct', 256, 8
+quick = {}  # the quickstart's settings, read from its config
+exec(open(ROOT / 'config' / 'shakespeare.py').read(), quick)
+spec, block, batch, kd_weight, T = (quick[k] for k in ('teacher', 'block_size', 'batch_size', 'kd_weight', 'temperature'))
 data = ROOT / 'data' / 'shakespeare' / spec
 if not (data / 'meta.json').exists():
     import importlib.util
@@ -181,7 +190,7 @@ head = teacher.get_output_embeddings().weight
 with tempfile.TemporaryDirectory() as tmp:  # a small cache in a scratch copy, never beside the real token files
     for name in ('train.bin', 'meta.json'):
         os.symlink(data / name, Path(tmp) / name)
-    cache = build_targets(spec, tmp, 64, 2.0, block, batch_size=batch, dtype=amp_dtype, device=device, max_blocks=batch,
+    cache = build_targets(spec, tmp, 64, T, block, batch_size=batch, dtype=amp_dtype, device=device, max_blocks=batch,
                           loaded=(teacher, tok))
     import numpy as np
     tokens = np.memmap(data / 'train.bin', dtype=np.uint16, mode='r')
@@ -192,11 +201,13 @@ with tempfile.TemporaryDirectory() as tmp:  # a small cache in a scratch copy, n
 cached = Teacher(ids=ids.to(device), logp=logp.to(device))
 
 torch.manual_seed(0)
-student = Indra(IndraConfig(vocab_size=head.shape[0], block_size=block, n_layer=6, n_head=6, n_embd=384)).to(device)
+shape = {k: quick[k] for k in ('n_layer', 'n_head', 'n_embd')}
+student = Indra(IndraConfig(vocab_size=head.shape[0], block_size=block, **shape)).to(device)
 opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-steps = {}
-for kind in ('live teacher', 'cached targets', 'CE only'):
-    crit = DistillationLoss(0.0 if kind == 'CE only' else 0.5, 2.0)
+
+
+def step_case(kind):
+    crit = DistillationLoss(0.0 if kind == 'CE only' else kd_weight, T)
 
     def step():
         if kind == 'live teacher':
@@ -209,14 +220,22 @@ for kind in ('live teacher', 'cached targets', 'CE only'):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    steps[kind] = timed(step)
-print(f"training step, quickstart config ({batch} x {block} tokens, 6 x 384 student, SmolLM2-135M teacher)", flush=True)
+    return step
+
+
+cases = {kind: step_case(kind) for kind in ('live teacher', 'cached targets', 'CE only')}
+if not cuda:  # the CPU's peak, measured in the same rounds as the steps (a GPU's is looked up)
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=device)
+    cases['bf16 matmul'] = lambda: a @ a
+steps = timed(cases)
+print(f"training step, quickstart config ({batch} x {block} tokens, {shape['n_layer']} x {shape['n_embd']} student, "
+      f"{spec} teacher, kd_weight {kd_weight}, T {T})", flush=True)
 row("step", 'CE only', ms(steps['CE only']), 'cached targets', ms(steps['cached targets']),
     f"-> cached {steps['cached targets'] / steps['CE only']:.2f}x CE-only; live teacher {ms(steps['live teacher'])} "
     f"({steps['live teacher'] / steps['CE only']:.2f}x)")
 
 # where the live step's time goes: the parts alone, the same work as in step()
-crit = DistillationLoss(0.5, 2.0)
+crit = DistillationLoss(kd_weight, T)
 with torch.no_grad(), amp:
     t_live = Teacher(hidden=teacher_hidden(teacher, x), head=head)
     h_fixed = student.hidden_states(x)
@@ -243,15 +262,18 @@ def optimizer_step():
     opt.zero_grad(set_to_none=False)
 
 
-parts = {name: timed(fn) for name, fn in (('teacher forward', teacher_forward), ('student blocks fwd+bwd', student_blocks),
-                                          ('heads + loss fwd+bwd', head_and_loss), ('optimizer', optimizer_step))}
+parts = timed({'teacher forward': teacher_forward, 'student blocks fwd+bwd': student_blocks,
+               'heads + loss fwd+bwd': head_and_loss, 'optimizer': optimizer_step})
 opt.zero_grad(set_to_none=True)
 total = sum(parts.values())
 row("live step, part by part", 'sum of parts', ms(total), 'largest', max(parts, key=parts.get),
     '; '.join(f"{k} {ms(v)} ({v / total:.0%})" for k, v in parts.items()))
 
 # ---- end-to-end tokens/s and MFU of the live-teacher step ----
-peak, peak_src = peak_flops(device, torch.bfloat16)
+if cuda:
+    peak, peak_src = peak_flops(device, torch.bfloat16)
+else:
+    peak, peak_src = 2 * 4096 ** 3 / steps['bf16 matmul'], "a 4096^3 bf16 matmul on this machine, timed with the steps"
 f_student, f_teacher = student_flops_per_token(student, block), teacher_flops_per_token(teacher, block)
 tok_s = batch * block / steps['live teacher']
 mfu = f"{(f_student + f_teacher) * tok_s / peak:.1%}" if peak else 'n/a'
@@ -283,7 +305,7 @@ if cuda:  # not yet run on a GPU by its author: this task had none
                     (r_crit(r_student.hidden_states(r_x), r_student.lm_head.weight, r_x, teacher=t)[0] / 32).backward()
             r_opt.step()
             r_opt.zero_grad(set_to_none=True)
-        dt = timed(recipe_step)
+        dt = timed({'recipe': recipe_step})['recipe']
         row("seed 000 recipe step", 'samples/s', f"{32 / dt:.1f}", 'step', ms(dt),
             f"({r_student.num_params() / 1e6:.0f}M student, {args.recipe_teacher} 4-bit; seed 000 reports 12-13 samples/s)")
 
