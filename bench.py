@@ -2,12 +2,14 @@
 Speed and memory of indra's hot paths: every row compares two or three ways of doing the same
 work, measured in this one process, in turns, and printed as a ratio.
 
-    python bench.py                 # CPU: about 6 minutes on 2 cores
+    python bench.py                 # CPU: about 4 minutes on 2 cores
     python bench.py --device=cuda   # one GPU (tokens for the loss rows: 8,192)
 
 Timing: the cases of a row each run once to warm up, then take turns for `repeats` rounds, and
-each case's median is kept: a machine whose speed drifts (a shared CPU's does, by up to 1.5x over
-minutes) then slows every case of a row alike. CUDA is synchronized before the clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
+each case's fastest round is kept. On a shared machine (this CPU's speed drifts by up to 1.5x
+over minutes) taking turns exposes every case of a row to the same drift, and the fastest round
+is the one least disturbed: interference only ever adds time. CUDA is synchronized before the
+clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
 memory sampled every millisecond while the case runs once, minus what was resident before
 (PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU is
 counted as in monitor.py: PaLM's FLOPs per token for student and teacher against a peak measured
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from attention import ComplexAttention
 from losses import DistillationLoss, Teacher
 from model import Indra, IndraConfig
-from monitor import peak_flops, student_flops_per_token, teacher_flops_per_token
+from monitor import keep_freed_memory, peak_flops, student_flops_per_token, teacher_flops_per_token
 
 ROOT = Path(__file__).resolve().parent
 
@@ -50,7 +52,7 @@ def sync():
 
 
 def timed(cases, repeats=args.repeats):
-    """{name: median seconds per call} of the functions in cases, after one warm-up call each, timed in turns."""
+    """{name: fastest seconds per call} of the functions in cases, after one warm-up call each, timed in turns."""
     times = {name: [] for name in cases}
     for rnd in range(repeats + 1):
         for name, fn in cases.items():
@@ -60,7 +62,7 @@ def timed(cases, repeats=args.repeats):
             sync()
             if rnd:
                 times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def peak_bytes(make):
@@ -171,6 +173,8 @@ for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
 
 
 # ---- a training step: live teacher vs cached targets vs CE only (the quickstart config) ----
+if not cuda:  # as train.py does; only now, as the peak-memory rows above read the resident size as tensors come and go
+    print(keep_freed_memory())
 from teacher import build_targets, load_teacher, teacher_hidden  # noqa: E402  (slow imports, only here)
 
 quick = {}  # the quickstart's settings, read from its config

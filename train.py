@@ -44,8 +44,8 @@ from configurator import configure
 from losses import DistillationLoss, Teacher, pad_examples
 from matching import FeatureMatcher, attention_loss, head_groups, layer_map as map_layers, teacher_internals
 from model import EMA, Indra, IndraConfig, load_checkpoint
-from monitor import (Records, collapsed, memory, memory_text, peak_flops, repetition, require, student_flops_per_token,
-                     teacher_flops_per_token)
+from monitor import (Records, collapsed, keep_freed_memory, memory, memory_text, peak_flops, repetition, require,
+                     student_flops_per_token, teacher_flops_per_token)
 from teacher import (build_targets, chat_prompt, check_linear_head, encode, load_teacher, teacher_hidden,
                      teacher_slug, tokenizer_hash, write_atomic)
 
@@ -248,6 +248,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per optimizer step: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation "
       f"x {batch_size} sequences x {block_size} tokens; device {device}, {dtype}"
       + (f"; {world_size} ranks ({dist.get_backend()}), {micro_steps} micro-steps each" if ddp else ""))
+if device_type == 'cpu':
+    print(keep_freed_memory())
 
 # ---- teacher and data --------------------------------------------------------
 if not master:
