@@ -6,7 +6,7 @@ work, measured in this one process, in turns, and printed as a ratio.
     python bench.py --device=cuda   # one GPU (tokens for the loss rows: 8,192)
 
 Timing: the cases of a row each run once to warm up, then take turns for `repeats` rounds, and
-each case's fastest round is kept. On a shared machine (this CPU's speed drifts by up to 1.5x
+each case's fastest round is kept. On a shared machine (this CPU's speed drifts by up to 2x
 over minutes) taking turns exposes every case of a row to the same drift, and the fastest round
 is the one least disturbed: interference only ever adds time. CUDA is synchronized before the
 clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident
