@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from attention import ComplexAttention
+from configurator import config_file
 from losses import DistillationLoss, Teacher
 from model import Indra, IndraConfig
 from monitor import keep_freed_memory, peak_flops, student_flops_per_token, teacher_flops_per_token
@@ -177,8 +178,7 @@ if not cuda:  # as train.py does; only now, as the peak-memory rows above read t
     print(keep_freed_memory())
 from teacher import build_targets, load_teacher, teacher_hidden  # noqa: E402  (slow imports, only here)
 
-quick = {}  # the quickstart's settings, read from its config
-exec(open(ROOT / 'config' / 'shakespeare.py').read(), quick)
+quick = config_file(ROOT / 'config' / 'shakespeare.py')  # the quickstart's settings
 spec, block, batch, kd_weight, T = (quick[k] for k in ('teacher', 'block_size', 'batch_size', 'kd_weight', 'temperature'))
 data = ROOT / 'data' / 'shakespeare' / spec
 if not (data / 'meta.json').exists():

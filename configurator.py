@@ -29,6 +29,14 @@ def _check(key, value, defaults, where):
     return value
 
 
+def config_file(path):
+    """The settings a config file makes: its plain top-level names (not _private, functions or modules)."""
+    namespace = {'__file__': str(path)}  # a config may start from another: see config/shakespeare_features.py
+    exec(compile(Path(path).read_text(), str(path), 'exec'), namespace)
+    return {key: value for key, value in namespace.items()
+            if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module'}
+
+
 def configure(defaults, argv):
     """defaults: {key: default value}; argv: config files and --key=value strings, in order.
     Returns {key: value} for every key that was overridden."""
@@ -38,11 +46,8 @@ def configure(defaults, argv):
             path = Path(arg)
             if not path.is_file():
                 raise SystemExit(f"indra: config file {arg!r} not found; give a path like config/shakespeare.py")
-            namespace = {'__file__': str(path)}  # a config may start from another: see config/shakespeare_features.py
-            exec(compile(path.read_text(), str(path), 'exec'), namespace)
-            for key, value in namespace.items():
-                if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
-                    overrides[key] = _check(key, value, defaults, arg)
+            for key, value in config_file(path).items():
+                overrides[key] = _check(key, value, defaults, arg)
             continue
         key, eq, text = arg[2:].partition('=')
         if not eq:
