@@ -51,7 +51,8 @@ def keep_freed_memory():
             return "cpu memory: freed tensors stay in the process for reuse (glibc mallopt: no mmap, no trim)"
     except (OSError, AttributeError):
         pass
-    return "cpu memory: not glibc, so freed tensors go back to the OS and are page-faulted in again each step"
+    return ("cpu memory: no glibc mallopt here (or it refused), so freed tensors go back to the OS and are "
+            "page-faulted in again each step")
 
 
 def memory_text(m):
