@@ -239,11 +239,12 @@ def kd_autograd(s, t, w, crit, need_grad=True):
 class ChunkedKD(torch.autograd.Function):
     """The loss over N counted rows from hidden states h (N, C) and a head W (V, C), chunk by chunk, with the
     settings of crit (a DistillationLoss) and row weights w_ce, w_kd (N,) that sum to 1 each (or to 0);
-    the gradients of h and W are computed in the forward pass and handed over in backward."""
+    the gradients of h and W are computed in the forward pass and handed over in backward, when need_grad:
+    the caller says so, since a Function's forward always runs without grad mode and sees needs_input_grad
+    set even under torch.no_grad() (an evaluation would pay two more head matmuls per chunk)."""
 
     @staticmethod
-    def forward(ctx, h, W, labels, w_ce, w_kd, teacher, crit):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, W, labels, w_ce, w_kd, teacher, crit, need_grad):
         a, T, clamp, chunk = crit.kd_weight, crit.temperature, crit.logit_clamp, crit.chunk_tokens
         closed_form = crit.kd_loss == 'forward_kl' and not crit.kd_top_k  # the fast default: all of it in kd_rows
         N, V = h.shape[0], W.shape[0]
@@ -292,7 +293,7 @@ class ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_kd):
         gh, gW = ctx.saved_tensors
-        return (gh * grad_loss.to(gh.dtype), (gW * grad_loss).to(ctx.head_dtype)) + (None,) * 5
+        return (gh * grad_loss.to(gh.dtype), (gW * grad_loss).to(ctx.head_dtype)) + (None,) * 6
 
 
 class DistillationLoss(nn.Module):
@@ -346,4 +347,5 @@ class DistillationLoss(nn.Module):
                 teacher = replace(teacher, hidden=teacher.hidden.to(amp))
         m = w if teacher is None or teacher.mask is None else w * teacher.mask.to(w.dtype)  # the KD rows
         w_ce, w_kd = w / w.sum().clamp(min=1.0), m / m.sum().clamp(min=1.0)  # an all-padding batch gives 0, not 0/0
-        return ChunkedKD.apply(hidden.reshape(B * T, C)[keep], head, labels, w_ce, w_kd, teacher, self)
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad)
+        return ChunkedKD.apply(hidden.reshape(B * T, C)[keep], head, labels, w_ce, w_kd, teacher, self, need_grad)

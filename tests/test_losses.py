@@ -225,3 +225,22 @@ def test_autocast_runs_the_heads_in_its_dtype():
     assert torch.equal(W1.grad, W2.grad)
     fp32 = crit(h, W, idx, teacher=Teacher(th, tW))[0]
     assert fp32.item() != loss.item()  # bf16 heads give another value: the test above is not vacuous
+
+
+def test_no_grad_computes_no_gradient(monkeypatch):
+    """An evaluation (torch.no_grad) with a head that requires grad, as train.py's is: the same values, and no
+    gradient work (a Function's forward sees needs_input_grad set even under no_grad; the loss must not trust it)."""
+    import losses
+    torch.manual_seed(0)
+    h, W = torch.randn(2, 6, 8), torch.randn(20, 8, requires_grad=True)
+    th, tW, idx = torch.randn(2, 6, 4), torch.randn(20, 4), torch.randint(20, (2, 6))
+    crit = DistillationLoss(0.5, 1.0, chunk_tokens=5)
+    want = crit(h, W, idx, teacher=Teacher(th, tW))
+    asked = []
+    real = losses.kd_rows
+    monkeypatch.setattr(losses, 'kd_rows', lambda *a, **k: asked.append(k['need_grad']) or real(*a, **k))
+    with torch.no_grad():
+        got = crit(h, W, idx, teacher=Teacher(th, tW))
+    assert asked == [False, False] and all(torch.equal(a, b) for a, b in zip(got, want))
+    crit(h, W, idx, teacher=Teacher(th, tW))
+    assert asked[2:] == [True, True]  # 10 counted rows, 2 chunks of 5
