@@ -2,8 +2,9 @@
 Speed and memory of indra's hot paths: every row compares two or three ways of doing the same
 work, measured in this one process, in turns, and printed as a ratio.
 
-    python bench.py                 # CPU: about 4 minutes on 2 cores
+    python bench.py                 # CPU: about 4 minutes on 2 cores with bf16 instructions
     python bench.py --device=cuda   # one GPU (tokens for the loss rows: 8,192)
+    python bench.py --dtype=float32 # the dtype of every row after the first; default auto, as train.py
 
 Timing: the cases of a row each run once to warm up, then take turns for `repeats` rounds, and
 each case's fastest round is kept. On a shared machine (this CPU's speed drifts by up to 2x
@@ -13,15 +14,20 @@ clock is read. Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, th
 memory sampled every millisecond while the case runs once, minus what was resident before
 (PyTorch's CPU allocator keeps no peak counter; its large tensors come and go with mmap). MFU is
 counted as in monitor.py: PaLM's FLOPs per token for student and teacher against a peak measured
-here (a large bf16 matmul) on CPU or looked up for the GPU.
+here (machine.peak_flops, in the rounds of the steps) on CPU or looked up for the GPU.
+
+The first row is the dtype probe that train.py's dtype='auto' decides by, float32 beside bf16;
+the rows after it run in the chosen dtype (attention also in float32). Where the probe shows bf16
+more than twice as slow as float32 (CPUs without bf16 instructions), the bf16 training step is
+not timed (it would take minutes); the row says so and gives the probe's ratio.
 """
 import argparse
 import os
+import sys
 import shutil
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import psutil
@@ -31,18 +37,21 @@ import torch.nn.functional as F
 from attention import ComplexAttention
 from configurator import config_file
 from losses import DistillationLoss, Teacher
+from machine import DTYPES, TORCH_DTYPE, Peak, autocast, choose_dtype, keep_freed_memory, peak_flops, pick_device, probe
 from model import Indra, IndraConfig
-from monitor import keep_freed_memory, peak_flops, student_flops_per_token, teacher_flops_per_token
+from monitor import student_flops_per_token, teacher_flops_per_token
 
 ROOT = Path(__file__).resolve().parent
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+parser.add_argument('--device', default='auto', help="'auto': cuda when a GPU is visible, else cpu")
+parser.add_argument('--dtype', default='auto', choices=DTYPES, help="'auto' measures, as train.py does")
 parser.add_argument('--repeats', type=int, default=5)
 parser.add_argument('--recipe_teacher', default='Qwen/Qwen2.5-0.5B-Instruct',
                     help='GPU only: the teacher of the seed 000 recipe row (a hub id in the local cache, or a path)')
 args = parser.parse_args()
-device = args.device
+sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also in a file or a pipe
+device = pick_device(args.device)
 cuda = device.startswith('cuda')
 rows = []
 
@@ -103,13 +112,23 @@ def ms(s):
     return f"{s * 1e3:.1f} ms"
 
 
+# ---- the dtype: the probe dtype='auto' decides by, on the quickstart student's width ----
+timings = None if cuda else probe(384)
+dtype, line = choose_dtype(args.dtype, device, 384, timings=timings)
+amp_dtype, amp = TORCH_DTYPE[dtype], autocast(device, dtype)
+print(line, flush=True)
+bf16_ratio = None if cuda else timings['bfloat16'] / timings['float32']
+if not cuda:
+    row(f"dtype probe ({timings['rows']} x 384 @ 384 x 1536)", 'float32', ms(timings['float32']), 'bf16 autocast',
+        ms(timings['bfloat16']), f"-> bf16 {bf16_ratio:.2f}x the time; the rows below run in {dtype}")
+
 # ---- attention: sdpa vs the complex64 reference -----------------------------
 print("attention (n_embd 384, 6 heads), forward + backward", flush=True)
-for dtype in (torch.float32, torch.bfloat16):
+for name in dict.fromkeys(('float32', dtype)):  # float32, and the chosen dtype when it is another
     for T, B in ((256, 8), (1024, 2)):
         torch.manual_seed(0)
         x = torch.randn(B, T, 384, device=device)
-        amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        attn_amp = autocast(device, name)
 
         def case(impl):
             torch.manual_seed(1)
@@ -117,7 +136,7 @@ for dtype in (torch.float32, torch.bfloat16):
 
             def step():
                 xi = x.detach().requires_grad_(True)
-                with amp:
+                with attn_amp:
                     y = attn(xi)
                 y.float().square().mean().backward()
                 return y
@@ -126,7 +145,7 @@ for dtype in (torch.float32, torch.bfloat16):
         out = {impl: step().float() for impl, step in cases.items()}
         times = timed(cases)
         diff = (out['reference'] - out['sdpa']).abs().max().item()
-        row(f"attention {str(dtype)[6:]} T={T} B={B}", 'reference', ms(times['reference']), 'sdpa',
+        row(f"attention {name} T={T} B={B}", 'reference', ms(times['reference']), 'sdpa',
             ms(times['sdpa']), f"-> sdpa {times['reference'] / times['sdpa']:.1f}x faster, max |diff| {diff:.1e}")
 
 
@@ -144,7 +163,7 @@ def naive_loss(h, W, th, tW, idx, a=0.5, T=2.0):
 def loss_case(kind, N, V, C, Ct):
     def make():
         torch.manual_seed(0)
-        dt = torch.bfloat16
+        dt = amp_dtype
         h = torch.randn(N, C, device=device, dtype=dt, requires_grad=True)
         W = (torch.randn(V, C, device=device) * 0.02).requires_grad_(True)
         th, tW = torch.randn(N, Ct, device=device, dtype=dt), torch.randn(V, Ct, device=device, dtype=dt) * 0.02
@@ -163,7 +182,7 @@ def loss_case(kind, N, V, C, Ct):
 
 
 N = 8192 if cuda else 2048
-print(f"KD loss over {N} tokens, forward + backward (bf16 hidden states, fp32 softmax)", flush=True)
+print(f"KD loss over {N} tokens, forward + backward ({dtype} hidden states, fp32 softmax)", flush=True)
 for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
     t = timed({kind: loss_case(kind, N, V, C, Ct)() for kind in ('naive', 'chunked')})
     t_naive, t_chunk = t['naive'], t['chunked']
@@ -187,8 +206,6 @@ if not (data / 'meta.json').exists():
     module = importlib.util.module_from_spec(prep)
     prep.loader.exec_module(module)
     module.prepare(spec)
-amp_dtype = torch.bfloat16
-amp = torch.autocast(torch.device(device).type, dtype=amp_dtype)
 teacher, tok, _ = load_teacher(spec, dtype=amp_dtype, device=device)
 head = teacher.get_output_embeddings().weight
 with tempfile.TemporaryDirectory() as tmp:  # a small cache in a scratch copy, never beside the real token files
@@ -210,8 +227,9 @@ student = Indra(IndraConfig(vocab_size=head.shape[0], block_size=block, **shape)
 opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
 
-def step_case(kind):
+def step_case(kind, teacher=teacher, amp=amp):
     crit = DistillationLoss(0.0 if kind == 'CE only' else kd_weight, T)
+    head = teacher.get_output_embeddings().weight
 
     def step():
         if kind == 'live teacher':
@@ -228,15 +246,29 @@ def step_case(kind):
 
 
 cases = {kind: step_case(kind) for kind in ('live teacher', 'cached targets', 'CE only')}
-if not cuda:  # the CPU's peak, measured in the same rounds as the steps (a GPU's is looked up)
-    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=device)
-    cases['bf16 matmul'] = lambda: a @ a
+# the other dtype's live step, beside the chosen one's: timed unless the probe shows bf16 over twice as slow
+other = 'bfloat16' if dtype == 'float32' else 'float32'
+time_other = other == 'float32' or (torch.cuda.is_bf16_supported() if cuda else bf16_ratio <= 2)
+if time_other:
+    cases[f'live teacher, {other}'] = step_case('live teacher', load_teacher(spec, dtype=TORCH_DTYPE[other],
+                                                                              device=device)[0], autocast(device, other))
+peaks = []  # the CPU's peak, measured in the same rounds as the steps (a GPU's is looked up)
+if not cuda:
+    cases['peak'] = lambda: peaks.append(peak_flops(device, amp_dtype, seconds=0.5)[0])
 steps = timed(cases)
 print(f"training step, quickstart config ({batch} x {block} tokens, {shape['n_layer']} x {shape['n_embd']} student, "
       f"{spec} teacher, kd_weight {kd_weight}, T {T})", flush=True)
 row("step", 'CE only', ms(steps['CE only']), 'cached targets', ms(steps['cached targets']),
     f"-> cached {steps['cached targets'] / steps['CE only']:.2f}x CE-only; live teacher {ms(steps['live teacher'])} "
     f"({steps['live teacher'] / steps['CE only']:.2f}x)")
+if time_other:
+    t_other = steps[f'live teacher, {other}']
+    row("live step by dtype", dtype, ms(steps['live teacher']), other, ms(t_other),
+        f"-> {other} {t_other / steps['live teacher']:.2f}x the time of {dtype} (auto picked {dtype})")
+else:
+    row("live step by dtype", dtype, ms(steps['live teacher']), other, 'not timed',
+        "-> this GPU has no bf16" if cuda else
+        f"-> the probe shows bf16 {bf16_ratio:.1f}x slower than float32 here: a bf16 step would take minutes")
 
 # where the live step's time goes: the parts alone, the same work as in step()
 crit = DistillationLoss(kd_weight, T)
@@ -274,16 +306,14 @@ row("live step, part by part", 'sum of parts', ms(total), 'largest', max(parts, 
     '; '.join(f"{k} {ms(v)} ({v / total:.0%})" for k, v in parts.items()))
 
 # ---- end-to-end tokens/s and MFU of the live-teacher step ----
-if cuda:
-    peak, peak_src = peak_flops(device, torch.bfloat16)
-else:
-    peak, peak_src = 2 * 4096 ** 3 / steps['bf16 matmul'], "a 4096^3 bf16 matmul on this machine, timed with the steps"
+peak = Peak(*peak_flops(device, amp_dtype)) if cuda else \
+    Peak(max(peaks), f"the best of the {dtype} matmuls of machine.peak_flops, timed in the rounds of the steps")
 f_student, f_teacher = student_flops_per_token(student, block), teacher_flops_per_token(teacher, block)
 tok_s = batch * block / steps['live teacher']
-mfu = f"{(f_student + f_teacher) * tok_s / peak:.1%}" if peak else 'n/a'
-row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', mfu,
+mfu, raised = peak.mfu((f_student + f_teacher) * tok_s)
+row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', f"{mfu:.1%}" if mfu else 'n/a',
     f"(FLOPs/token: student {f_student / 1e6:.0f}M + teacher {f_teacher / 1e6:.0f}M; peak "
-    f"{(peak or 0) / 1e12:.2f} TFLOP/s bf16, {peak_src})")
+    f"{(peak.flops or 0) / 1e12:.3f} TFLOP/s {dtype}, {peak.source})" + (f"; {raised}" if raised else ''))
 
 # ---- GPU only: the seed 000 recipe (12 x 768 student, 4-bit teacher, seq 256, batch 1 x 32) ----
 if cuda:  # not yet run on a GPU by its author: this task had none

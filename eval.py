@@ -25,8 +25,8 @@ import argparse
 import importlib.util
 import json
 import math
+import sys
 from collections import Counter, defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from transformers import AutoConfig
 
 import vocab
 from losses import counted_tokens, pad_examples
+from machine import DTYPES, TORCH_DTYPE, autocast as autocast_for, choose_dtype, pick_device
 from model import Indra, IndraConfig, load_checkpoint
 from monitor import collapsed, repetition
-from teacher import chat_batch, load_teacher, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
+from teacher import chat_batch, load_teacher, resolve, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
 
 ROOT = Path(__file__).resolve().parent
 
@@ -211,8 +213,9 @@ def main():
     parser.add_argument('--max_tokens', type=int, default=0, help='only the first N tokens of a text split; 0 = all')
     parser.add_argument('--batch_size', type=int, default=8, help='rows per forward pass')
     parser.add_argument('--max_answers', type=int, default=0, help='chat data: grade only the first N prompts; 0 = all')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    parser.add_argument('--device', default='auto', help="'auto': cuda when a GPU is visible, else cpu")
+    parser.add_argument('--dtype', default='auto', choices=DTYPES,
+                        help="'auto' measures the faster of bfloat16 and float32 here (machine.py)")
     parser.add_argument('--teacher_quantization', default='', help="'' = as trained; 'none' to run a 4-bit-trained "
                         "student's teacher unquantized (e.g. on CPU)")
     parser.add_argument('--teacher_vs', default='', choices=['', '4bit', '8bit', 'float32', 'bfloat16', 'float16'],
@@ -223,6 +226,8 @@ def main():
     parser.add_argument('--json', default='', help="write the results here (default: eval.json beside the first "
                         "checkpoint, or in --data_dir)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also in a file or a pipe
+    args.device = pick_device(args.device)
 
     if not args.ckpt and not (args.teacher_vs and args.data_dir):
         raise SystemExit("indra: nothing to evaluate; pass --ckpt out/best.pt [more.pt ...], or --teacher_vs=4bit "
@@ -237,9 +242,14 @@ def main():
     path = data_dir(first)
     if not (path / f'{args.split}.bin').exists():
         raise SystemExit(f"indra: {path} has no split {args.split!r} ({args.split}.bin); use --split=val or --split=train")
-    ptdtype = getattr(torch, args.dtype)
-    device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
-    autocast = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    # the dtype probe runs on the student's shapes (the teacher's, when only a teacher is measured)
+    width = ckpts[0]['model_args']['n_embd'] if ckpts else \
+        AutoConfig.from_pretrained(resolve(first['teacher'])).hidden_size
+    args.dtype, line = choose_dtype(args.dtype, args.device, width)
+    print(line)
+    ptdtype = TORCH_DTYPE[args.dtype]
+    autocast = autocast_for(args.device, args.dtype)
+    print(f"loading teacher {first['teacher']}")
     t_model, tokenizer, enc = load_teacher(first['teacher'], dtype=ptdtype, device=args.device,
                                            quantization=args.teacher_quantization or first['teacher_quantization'])
     meta = json.loads((path / 'meta.json').read_text())

@@ -1,7 +1,8 @@
 """
-Seeing what training does: memory, throughput and MFU for every log line, repetition statistics
-that catch a collapsing student, and the run's records (out/log.jsonl always; Weights & Biases
-and Aim when switched on). Used by train.py and bench.py; plot.py draws the records.
+Seeing what training does: the FLOPs behind every log line's MFU, repetition statistics that
+catch a collapsing student, and the run's records (out/log.jsonl always; Weights & Biases and
+Aim when switched on). Used by train.py and bench.py; plot.py draws the records; the peak an
+MFU is taken against, and memory, come from machine.py.
 
     rec = Records(out_dir, config, wandb_log=True, wandb_mode='offline')
     rec.log({'iter': 10, 'loss': 3.2})
@@ -9,74 +10,14 @@ and Aim when switched on). Used by train.py and bench.py; plot.py draws the reco
 
 MFU counts FLOPs with the PaLM formula (Chowdhery et al. 2022, appendix B): 6N + 12 L T C per
 trained token and 2N + 4 L T C per teacher token (forward only), N the parameters that take part
-in matmuls (a tied head once, an embedding lookup not), against a peak measured on this machine
-(a large matmul in the training dtype) on CPU or looked up for the GPU (dense, no sparsity).
+in matmuls (a tied head once, an embedding lookup not), against machine.peak_flops(): measured on
+a CPU (the best of several matmuls in the training dtype), looked up for a GPU (dense, no sparsity).
 """
-import ctypes
 import importlib
 import json
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
-
-import psutil
-import torch
-
-GPU_PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
-
-
-def memory(device_type):
-    """What the process really holds: on CUDA the device's used/total (seed 002: allocated alone hid the
-    rest) and PyTorch's allocated/reserved; on CPU the resident set."""
-    if device_type == 'cuda':
-        free, total = torch.cuda.mem_get_info()
-        return {'gpu_used_gib': (total - free) / 2**30, 'gpu_total_gib': total / 2**30,
-                'gpu_allocated_gib': torch.cuda.memory_allocated() / 2**30,
-                'gpu_reserved_gib': torch.cuda.memory_reserved() / 2**30}
-    return {'rss_gib': psutil.Process().memory_info().rss / 2**30}
-
-
-def keep_freed_memory():
-    """CPU training: keep freed memory in the process for the next step instead of giving it back to the OS.
-    glibc maps every tensor over 32 MB (logits chunks, the embedding's gradient) on fresh pages and unmaps them when
-    the tensor is freed, so each step page-faults them in again: ~240,000 faults and ~0.4 s of kernel time per
-    quickstart step on this 2-core machine. With mmap off and no trimming, large tensors come from the heap and
-    reuse what the last step freed (0 faults); the resident size then stays at its high-water mark, as a GPU's
-    caching allocator does. Returns one line saying what was done."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
-        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1):
-            return "cpu memory: freed tensors stay in the process for reuse (glibc mallopt: no mmap, no trim)"
-    except (OSError, AttributeError):
-        pass
-    return ("cpu memory: no glibc mallopt here (or it refused), so freed tensors go back to the OS and are "
-            "page-faulted in again each step")
-
-
-def memory_text(m):
-    if 'gpu_used_gib' in m:
-        return (f"gpu {m['gpu_used_gib']:.1f}/{m['gpu_total_gib']:.1f} GiB (allocated {m['gpu_allocated_gib']:.1f}, "
-                f"reserved {m['gpu_reserved_gib']:.1f})")
-    return f"rss {m['rss_gib']:.2f} GiB"
-
-
-def peak_flops(device, dtype, repeats=5):
-    """(FLOP/s, where it came from), or (None, why not): looked up per GPU, measured on CPU."""
-    if str(device).startswith('cuda'):
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        if peak and dtype == torch.float32:
-            return None, f"{name} in float32: no peak in the table, MFU not reported"
-        return (peak, f"{name}, looked up") if peak else (None, f"{name} is not in the table, MFU not reported")
-    n = 2048 if dtype == torch.float32 else 4096
-    a = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(0))  # training's RNG untouched
-    a @ a  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0), f"a {n}^3 {str(dtype)[6:]} matmul on this machine"
 
 
 def student_flops_per_token(model, block_size):

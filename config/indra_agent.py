@@ -30,7 +30,7 @@ batch_size = 1
 gradient_accumulation_steps = 32  # an effective batch of 32 sequences
 
 optimizer = 'adamw8bit'  # seed 000: "huge VRAM saver"
-dtype = 'bfloat16'  # AMP; use 'float16' on GPUs without bf16 (GradScaler switches on by itself)
+dtype = 'auto'  # AMP: bf16 on GPUs that have it, else float16 (the GradScaler switches on by itself)
 learning_rate = 3e-4
 min_lr = 3e-5
 max_iters = 5000

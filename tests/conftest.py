@@ -122,5 +122,6 @@ def tiny_examples(tiny_teacher, tmp_path_factory):
         np.array(mask, dtype=np.uint8).tofile(out / f'{split}.mask.bin')
     (out / 'meta.json').write_text(json.dumps({
         'teacher': tiny_teacher, 'tokenizer_hash': tokenizer_hash(tok), 'dtype': 'uint16', 'eos_id': eos,
-        'vocab_size': len(tok), 'format': 'examples', 'chat': True}))
+        'vocab_size': len(tok), 'format': 'examples', 'chat': True,
+        'teacher_dtype': 'float32'}))  # no teacher answered these, but train.py checks it against its own dtype
     return str(out)

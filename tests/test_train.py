@@ -26,9 +26,11 @@ def records(out):
 
 
 def tiny_args(teacher, data, out, **kw):
+    """A tiny run's settings. float32, not auto: runs that tests compare with each other then compute alike
+    on any CPU (test_machine.py tests the auto choice itself)."""
     args = dict(teacher=teacher, data_dir=data, out_dir=out, n_layer=2, n_head=2, n_embd=32, block_size=64,
                 batch_size=4, gradient_accumulation_steps=2, eval_interval=10, eval_iters=2, log_interval=5,
-                learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40)
+                learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, max_iters=40, dtype='float32')
     args.update(kw)
     return [f'--{k}={v}' for k, v in args.items()]
 
@@ -106,7 +108,7 @@ def test_cached_teacher_targets(tiny_teacher, tiny_data, tmp_path):
     for name in ('train.bin', 'val.bin', 'meta.json'):
         (data / name).write_bytes((Path(tiny_data) / name).read_bytes())
     run('teacher.py', '--cache', f'--teacher={tiny_teacher}', f'--data_dir={data}', '--top_k=8', '--temperature=2',
-        '--block_size=64', '--max_blocks=6', '--batch_size=4')
+        '--block_size=64', '--max_blocks=6', '--batch_size=4', '--dtype=float32')
     out = targets_dir(data, 8, 2.0, 64)
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['blocks'] == 6 and not list(out.glob('progress-*.json'))  # complete: meta.json says so
@@ -119,13 +121,13 @@ def test_cached_teacher_targets(tiny_teacher, tiny_data, tmp_path):
         live = (model(x).logits[0, :, :len(tok)].float() / 2).log_softmax(-1)  # (64, V) at T = 2
     cached_ids = torch.from_numpy(ids[64:128].astype(np.int64))
     cached = torch.from_numpy(logp[64:128].astype(np.float32))
-    # built in bf16: near-ties in a random teacher may swap members, so compare the log-probs of what was kept
+    # near-ties in a random teacher may swap members between dtypes, so compare the log-probs of what was kept
     assert torch.allclose(live.gather(1, cached_ids), cached, atol=2e-2)
     assert torch.allclose(cached.exp().sum(-1), live.topk(8, -1).values.exp().sum(-1), atol=2e-2)
 
     # resume: pretend the build stopped after its first batch (4 blocks), with garbage after it
     (out / 'meta.json').unlink()
-    (out / 'progress-0.json').write_text(json.dumps({'batches': [0]}))
+    (out / 'progress-0.json').write_text(json.dumps({'batches': [0], 'dtype': 'float32'}))
     garbage = np.memmap(out / 'logp.bin', dtype=np.float16, mode='r+', shape=(6 * 64, 8))
     before = np.array(garbage[:4 * 64])
     garbage[4 * 64:] = 0
@@ -162,7 +164,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_large_tensor():
     setting is process-wide."""
     code = textwrap.dedent('''
         import resource, sys, torch
-        from monitor import keep_freed_memory
+        from machine import keep_freed_memory
         if sys.argv[1] == 'keep':
             assert 'glibc mallopt' in keep_freed_memory()
         for step in range(12):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for teacher.py, from any working directory
 import teacher as teacher_lib  # noqa: E402
+from machine import DTYPES, TORCH_DTYPE, choose_dtype, pick_device  # noqa: E402
 
 
 def _shakespeare():
@@ -286,20 +287,27 @@ def pad_fraction(lengths, batch_size, rng, batches=500):
     return 1.0 - picks.sum() / (picks.max(axis=1).sum() * batch_size)
 
 
-def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_new_tokens=64, device='auto', seed=0):
-    """Make the agent dataset for teacher (a spec teacher.py understands) in out_dir; return out_dir."""
+def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_new_tokens=64, device='auto', seed=0,
+            dtype='auto'):
+    """Make the agent dataset for teacher (a spec teacher.py understands) in out_dir; return out_dir. The teacher's
+    greedy answers depend on the dtype it runs in: meta.json records it (teacher_dtype), and train.py refuses to
+    train in another dtype on them. dtype 'auto' measures the faster one here (machine.py)."""
     out_dir = pathlib.Path(out_dir) if out_dir else HERE / teacher_lib.teacher_slug(teacher)
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    device = pick_device(device)
     t0 = time.time()
-    model, tok, enc = teacher_lib.load_teacher(teacher, dtype=torch.bfloat16, device=device)
+    from transformers import AutoConfig
+    width = AutoConfig.from_pretrained(teacher_lib.resolve(teacher)).hidden_size  # the probe: the teacher's shapes
+    teacher_dtype, line = choose_dtype(dtype, device, width)
+    print(line)
+    model, tok, enc = teacher_lib.load_teacher(teacher, dtype=TORCH_DTYPE[teacher_dtype], device=device)
     eot = end_of_turn(tok)
     stop_ids = sorted({eot} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     splits = make_prompts(n_train, n_val, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new files mid-write
-    cache_path = out_dir / f'responses-{teacher_lib.tokenizer_hash(tok)}-greedy-{max_new_tokens}.jsonl'
+    cache_path = out_dir / f'responses-{teacher_lib.tokenizer_hash(tok)}-greedy-{max_new_tokens}-{teacher_dtype}.jsonl'
     print(f"{n_train} train + {n_val} held-out prompts; teacher {teacher} answers them greedily "
-          f"(at most {max_new_tokens} tokens, batches of {batch_size}, on {device}), cached in {cache_path}")
+          f"(at most {max_new_tokens} tokens, batches of {batch_size}, on {device}, {teacher_dtype}), cached in {cache_path}")
     answers = generate(model, tok, enc, [e['prompt'] for s in splits.values() for e in s], cache_path, stop_ids,
                        batch_size, max_new_tokens)
 
@@ -325,7 +333,8 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
         stats[split] = (np.array(spans)[:, 1], np.array(mask), rows)
     meta = {'teacher': teacher, 'tokenizer_hash': teacher_lib.tokenizer_hash(tok), 'vocab_size': len(tok),
             'dtype': np.dtype(dtype).name, 'eos_id': int(eot), 'format': 'examples', 'chat': True,
-            'train_examples': n_train, 'val_examples': n_val, 'max_new_tokens': max_new_tokens, 'seed': seed}
+            'train_examples': n_train, 'val_examples': n_val, 'max_new_tokens': max_new_tokens, 'seed': seed,
+            'teacher_dtype': teacher_dtype}
     teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
 
     rng = np.random.default_rng(0)
@@ -356,6 +365,9 @@ if __name__ == '__main__':
     parser.add_argument('--max_new_tokens', type=int, default=64, help='longest teacher answer')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--dtype', default='auto', choices=DTYPES,
+                        help="the teacher's dtype; 'auto' measures the faster here. train.py trains in the same one")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows at once, also in a file or a pipe
     prepare(args.teacher, args.out_dir, args.n_train, args.n_val, args.batch_size, args.max_new_tokens,
-            args.device, args.seed)
+            args.device, args.seed, args.dtype)

@@ -92,9 +92,12 @@ def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
     texts = [text for _, text in plays]
     # trained before the slow part, so a bad student_vocab fails at once; on the train plays only, so the
     # val plays are unseen text for the student's tokenizer too
+    if student_vocab:
+        print(f"training the student's byte-level BPE of {student_vocab:,} tokens on the training plays")
     student = vocab_lib.train_bpe([t for name, t in plays if name not in VAL_PLAYS], student_vocab) \
         if student_vocab else None
     if enc is not None:
+        print(f"checking tiktoken against the teacher's own tokenizer on all {len(texts)} plays")
         tiktoken_speed, hf_speed = teacher_lib.check_same_ids(enc, tok, texts)
         print(f"tiktoken ids equal the teacher tokenizer's on all {len(texts)} plays; "
               f"tiktoken {tiktoken_speed:,.0f} tokens/s, HF tokenizer {hf_speed:,.0f} tokens/s (one thread)")
@@ -195,4 +198,5 @@ if __name__ == '__main__':
                         help="also a byte-level BPE of this many tokens for the student, trained on the train "
                              "plays, and its token files in <out_dir>/student-bpe<N>/ (0: off)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows at once, also in a file or a pipe
     prepare(args.teacher, args.out_dir, args.tokenizer, args.student_vocab)

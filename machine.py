@@ -1,0 +1,191 @@
+"""
+The machine a run is on: its device, the dtype that is fastest there (measured, never assumed),
+the peak FLOP/s an MFU is taken against, and memory. Used by train.py, eval.py, bench.py,
+teacher.py --cache and the data preparation.
+
+CPUs differ. With AVX-512 bf16 and AMX a bf16 matmul runs about 4x faster than float32; with
+AVX2 alone oneDNN emulates bf16 and it runs 7x to 200x slower. So dtype='auto' times both on a
+matmul of the model's own shape (well under a second) and takes bf16 only where it is faster:
+
+    device = pick_device('auto')                                # 'cuda' if a GPU is visible, else 'cpu'
+    dtype, line = choose_dtype('auto', device, width=384)       # 'float32' | 'bfloat16' | 'float16', and why
+    peak = Peak(*peak_flops(device, dtype))                     # measured on CPU, looked up per GPU
+    mfu, note = peak.mfu(flops_per_second)                      # never above 1: a faster step raises the peak
+
+On CUDA, 'auto' is bf16 where the GPU has it, else float16 (train.py then scales the loss with a GradScaler).
+"""
+import ctypes
+import math
+import time
+from contextlib import nullcontext
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
+TORCH_DTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+GPU_PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
+
+
+def pick_device(device):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an explicit CUDA device must exist."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"indra: --device={device} but no CUDA GPU is visible; use --device=cpu (or auto)")
+    return device
+
+
+def autocast(device, dtype):
+    """The autocast context for a dtype name: none for float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type='cuda' if str(device).startswith('cuda') else 'cpu', dtype=TORCH_DTYPE[dtype])
+
+
+def probe(width, budget=0.2):
+    """Seconds per (rows, width) @ (width, 4 width) product, the shape of the model's MLP, in float32 and under
+    bf16 autocast (as training runs it: float32 weights cast on the fly). Each dtype: one warm-up call, then the
+    best of up to 3 timed calls, stopping once `budget` seconds are spent on it, so the probe stays well under a
+    second where bf16 is slow. rows: up to 256 tokens, fewer for wide models (at most ~0.27 GFLOP a product);
+    with fewer than ~128 rows this CPU's bf16 penalty shows smaller than it is (4x at 16 rows, 6-9x from 128)."""
+    rows = max(16, min(256, 2 ** 28 // (8 * width * width)))
+    gen = torch.Generator().manual_seed(0)  # the caller's RNG is untouched
+    x, w = torch.randn(rows, width, generator=gen), torch.randn(4 * width, width, generator=gen)
+    out = {'rows': rows, 'width': width}
+    for name in ('float32', 'bfloat16'):
+        best, spent = math.inf, 0.0
+        for i in range(4):
+            t0 = time.perf_counter()
+            with autocast('cpu', name):
+                F.linear(x, w)
+            dt = time.perf_counter() - t0
+            spent += dt
+            if i:
+                best = min(best, dt)
+                if spent > budget:
+                    break
+        out[name] = best
+    return out
+
+
+def choose_dtype(requested, device, width, saved=None, timings=None):
+    """(dtype name, one line saying why) for the settings' dtype on device. requested 'auto' with a saved dtype
+    (a resumed run) keeps the saved one; otherwise 'auto' is measured on CPU (probe, or the timings it returned
+    already) and looked up on CUDA. An explicit dtype is honoured; on CPU bfloat16 is still probed, to say what it
+    costs."""
+    if requested not in DTYPES:
+        raise SystemExit(f"indra: --dtype={requested!r}: choose auto (measured), bfloat16, float16 or float32")
+    how = 'as asked'
+    if requested == 'auto' and saved:
+        requested, how = saved, 'as the checkpoint was trained (--dtype=auto measures again only for a new run)'
+    if str(device).startswith('cuda'):
+        has_bf16 = torch.cuda.is_bf16_supported()
+        if requested == 'auto':
+            name = 'bfloat16' if has_bf16 else 'float16'
+            why = 'this GPU has bf16' if has_bf16 else 'no bf16 on this GPU: float16 with a GradScaler'
+            return name, f"dtype auto: {name} ({why})"
+        if requested == 'bfloat16' and not has_bf16:
+            raise SystemExit("indra: this GPU has no bfloat16; use --dtype=auto or --dtype=float16")
+        return requested, f"dtype {requested}, {how}"
+    if requested == 'float16':
+        raise SystemExit("indra: --dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=auto, "
+                         "bfloat16 or float32")
+    if requested == 'float32':
+        return 'float32', f"dtype float32, {how}"
+    t = timings or probe(width)
+    timing = (f"a ({t['rows']} x {width}) @ ({width} x {4 * width}) matmul took {t['float32'] * 1e3:.2f} ms in "
+              f"float32, {t['bfloat16'] * 1e3:.2f} ms under bf16 autocast")
+    if requested == 'bfloat16':
+        ratio = t['bfloat16'] / t['float32']
+        cost = f"{ratio:.1f}x slower than" if ratio > 1 else f"{1 / ratio:.1f}x faster than"
+        return 'bfloat16', (f"dtype bfloat16, {how}: on this CPU it is {cost} float32 ({timing})"
+                            + ("; --dtype=auto would pick float32" if ratio > 1 else ""))
+    name = 'bfloat16' if t['bfloat16'] < t['float32'] else 'float32'
+    return name, f"dtype auto: {name}, the faster on this CPU ({timing})"
+
+
+def peak_flops(device, dtype, seconds=1.0):
+    """(FLOP/s, where it came from), or (None, why not): looked up per GPU; on CPU the best rate of square
+    matmuls in dtype (a name or a torch dtype). The size doubles from 128 while one product takes under a
+    twentieth of `seconds` (up to 4096), then products of that size repeat until `seconds` are spent: about a
+    second wherever the dtype is slow (a fixed 4096^3 bf16 product alone takes minutes without bf16 instructions),
+    and the best of several timings, so that the peak is not one slow moment of a machine whose speed drifts."""
+    dtype = TORCH_DTYPE.get(dtype, dtype)
+    if str(device).startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)  # dense fp16 = dense bf16 on these
+        if peak and dtype == torch.float32:
+            return None, f"{name} in float32: no peak in the table, MFU not reported"
+        return (peak, f"{name}, looked up") if peak else (None, f"{name} is not in the table, MFU not reported")
+    n, spent, best, products = 128, 0.0, 0.0, 0
+    gen = torch.Generator().manual_seed(0)  # the caller's RNG is untouched
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    while True:
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        dt = time.perf_counter() - t0
+        spent, best, products = spent + dt, max(best, 2 * n ** 3 / dt), products + 1
+        if dt < seconds / 20 and n < 4096:
+            n *= 2
+            a = torch.randn(n, n, generator=gen).to(dtype)
+        elif spent >= seconds:
+            break
+    return best, f"the best of {products} square {str(dtype)[6:]} matmuls up to {n}^3 on this machine"
+
+
+class Peak:
+    """The FLOP/s an MFU is taken against. A measured CPU peak can be beaten by a step (the machine's speed drifts),
+    and an MFU above 100% is a wrong peak, never a result: mfu() then raises the peak to what the step achieved
+    and says so in one line."""
+
+    def __init__(self, flops, source):
+        self.flops, self.source = flops, source
+
+    def mfu(self, achieved):
+        """(achieved / peak, or None without a peak; a line when the peak was raised, else None)."""
+        if not self.flops:
+            return None, None
+        note = None
+        if achieved > self.flops:
+            note = (f"MFU peak raised from {self.flops / 1e12:.3f} to {achieved / 1e12:.3f} TFLOP/s: a step ran "
+                    f"faster than the peak measured at start ({self.source})")
+            self.flops, self.source = achieved, 'raised to the fastest step'
+        return achieved / self.flops, note
+
+
+def memory(device_type):
+    """What the process really holds: on CUDA the device's used/total (seed 002: allocated alone hid the
+    rest) and PyTorch's allocated/reserved; on CPU the resident set."""
+    if device_type == 'cuda':
+        free, total = torch.cuda.mem_get_info()
+        return {'gpu_used_gib': (total - free) / 2**30, 'gpu_total_gib': total / 2**30,
+                'gpu_allocated_gib': torch.cuda.memory_allocated() / 2**30,
+                'gpu_reserved_gib': torch.cuda.memory_reserved() / 2**30}
+    return {'rss_gib': psutil.Process().memory_info().rss / 2**30}
+
+
+def memory_text(m):
+    if 'gpu_used_gib' in m:
+        return (f"gpu {m['gpu_used_gib']:.1f}/{m['gpu_total_gib']:.1f} GiB (allocated {m['gpu_allocated_gib']:.1f}, "
+                f"reserved {m['gpu_reserved_gib']:.1f})")
+    return f"rss {m['rss_gib']:.2f} GiB"
+
+
+def keep_freed_memory():
+    """CPU training: keep freed memory in the process for the next step instead of giving it back to the OS.
+    glibc maps every tensor over 32 MB (logits chunks, the embedding's gradient) on fresh pages and unmaps them when
+    the tensor is freed, so each step page-faults them in again: ~240,000 faults and ~0.4 s of kernel time per
+    quickstart step on a 2-core machine. With mmap off and no trimming, large tensors come from the heap and
+    reuse what the last step freed (0 faults); the resident size then stays at its high-water mark, as a GPU's
+    caching allocator does. Returns one line saying what was done."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
+        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1):
+            return "cpu memory: freed tensors stay in the process for reuse (glibc mallopt: no mmap, no trim)"
+    except (OSError, AttributeError):
+        pass
+    return ("cpu memory: no glibc mallopt here (or it refused), so freed tensors go back to the OS and are "
+            "page-faulted in again each step")
