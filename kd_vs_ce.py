@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -27,6 +27,7 @@ parser.add_argument('--seeds', type=int, nargs='+', default=[1337, 1338, 1339])
 parser.add_argument('--out_dir', default='out-kd-vs-ce')
 parser.add_argument('train_args', nargs='*', help='extra --key=value settings for train.py, after --')
 args = parser.parse_args()
+sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also in a file or a pipe
 
 config = {}
 exec((ROOT / args.config).read_text(), {}, config)  # only to read kd_weight and max_iters; train.py reads it again

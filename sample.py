@@ -11,13 +11,16 @@ it in the checkpoint. --chat wraps the prompt in the teacher's chat template and
 answers (same sampling settings) beside the student's.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from model import EMA, Indra, IndraConfig, load_checkpoint
-from teacher import chat_prompt, encode, load_teacher, load_tokenizer, tokenizer_hash
+from checkpoint import load_checkpoint
+from model import EMA, Indra, IndraConfig
+from teacher import load_teacher, load_tokenizer
+from tokenizer import chat_prompt, encode, tokenizer_hash
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--ckpt', default='out/best.pt', help='checkpoint written by train.py')
@@ -33,6 +36,7 @@ parser.add_argument('--seed', type=int, default=1337)
 parser.add_argument('--ema', action='store_true', help='use the EMA of the weights (runs with ema_decay > 0)')
 parser.add_argument('--device', default='cpu')
 args = parser.parse_args()
+sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also in a file or a pipe
 
 path = Path(args.ckpt)
 ckpt = load_checkpoint(path)  # weights_only: tensors and plain containers, no pickled code; errors are one line
