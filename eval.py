@@ -37,11 +37,14 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig
 
 import vocab
-from losses import counted_tokens, pad_examples
+from checkpoint import load_checkpoint
+from data import pad_examples
+from losses import counted_tokens
 from machine import DTYPES, TORCH_DTYPE, autocast as autocast_for, choose_dtype, pick_device
-from model import Indra, IndraConfig, load_checkpoint
+from model import Indra, IndraConfig
 from monitor import collapsed, repetition
-from teacher import chat_batch, load_teacher, resolve, teacher_hidden, teacher_slug, tokenizer_hash, token_bytes
+from teacher import load_teacher, resolve, teacher_hidden, teacher_slug
+from tokenizer import chat_batch, token_bytes, tokenizer_hash
 
 ROOT = Path(__file__).resolve().parent
 

@@ -66,21 +66,6 @@ def counted_tokens(idx, attention_mask=None, loss_mask=None):
     return w
 
 
-def pad_examples(data, mask, spans, max_len, pad_id):
-    """A batch of examples (token arrays data and mask, (start, length) per example in spans), right-padded with
-    pad_id to the longest (at most max_len): ids (B, L), attention mask (B, L) 1 on real tokens, loss mask (B, L)
-    1 where mask marks a token to learn (the answer). counted_tokens() then counts answer targets only."""
-    L = min(max_len, max(n for _, n in spans))
-    x = torch.full((len(spans), L), pad_id, dtype=torch.long)
-    am, lm = torch.zeros_like(x), torch.zeros_like(x)
-    for b, (start, n) in enumerate(spans):
-        n = min(n, L)
-        x[b, :n] = torch.from_numpy(data[start:start + n].astype('int64'))
-        am[b, :n] = 1
-        lm[b, :n] = torch.from_numpy(mask[start:start + n].astype('int64'))
-    return x, am, lm
-
-
 @dataclass
 class Teacher:
     """What the teacher says about N rows: its final hidden states and head (logits made chunk by chunk),

@@ -16,11 +16,14 @@ On CUDA, 'auto' is bf16 where the GPU has it, else float16 (train.py then scales
 """
 import ctypes
 import math
+import os
+import sys
 import time
 from contextlib import nullcontext
 
 import psutil
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
@@ -35,6 +38,32 @@ def pick_device(device):
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit(f"indra: --device={device} but no CUDA GPU is visible; use --device=cpu (or auto)")
     return device
+
+
+def start_ranks(device):
+    """(device, rank, world_size) of this process. Under torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE):
+    one GPU per rank, the process group started (NCCL between GPUs, gloo between CPU processes), and the output
+    of every rank but 0 silenced (errors still reach stderr). Otherwise (device, 0, 1)."""
+    if 'RANK' not in os.environ:
+        return device, 0, 1
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if rank:
+        sys.stdout = open(os.devnull, 'w')
+    return device, rank, world_size
+
+
+def all_sum(t):
+    """A CPU tensor summed over all ranks (itself in a single process); NCCL reduces on the GPU only."""
+    if not dist.is_initialized():
+        return t
+    device = f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu'
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def autocast(device, dtype):
@@ -150,8 +179,8 @@ class Peak:
         note = None
         if achieved > self.flops:
             note = (f"MFU peak raised from {self.flops / 1e12:.3f} to {achieved / 1e12:.3f} TFLOP/s: a step ran "
-                    f"faster than the peak measured at start ({self.source})")
-            self.flops, self.source = achieved, 'raised to the fastest step'
+                    f"faster than {self.source}")
+            self.flops, self.source = achieved, 'the fastest step so far'
         return achieved / self.flops, note
 
 

@@ -185,3 +185,41 @@ def attention_loss(student_att, teacher_att, pairs, attention_mask, n_kv_heads):
         kl = (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)  # (B, U, T)
         losses.append(real_mean(kl.mean(1), attention_mask))
     return torch.stack(losses).mean()
+
+
+class Matching:
+    """Which student blocks learn which teacher layers' insides, and the weighted losses on them (seed 003).
+    Built from the settings; a layer map or head count that cannot work is a ValueError naming the fix.
+    features: the FeatureMatcher whose projections train beside the student (None without feature matching)."""
+
+    def __init__(self, n_layer, n_head, n_embd, teacher_config, pairs, feature_weight, attention_weight, kind='mse'):
+        tc = teacher_config
+        self.pairs = layer_map(n_layer, tc.num_hidden_layers, pairs or None)
+        if attention_weight:
+            head_groups(n_head, tc.num_attention_heads, tc.num_key_value_heads)
+            if any(t == 0 for _, t in self.pairs):
+                raise ValueError(f"layer_map {pairs}: teacher layer 0 is the embeddings, which have no attention")
+        self.feature_weight, self.attention_weight, self.n_kv_heads = feature_weight, attention_weight, \
+            tc.num_key_value_heads
+        self.weight = {'feature': feature_weight, 'attention': attention_weight}
+        blocks, layers = tuple(s for s, _ in self.pairs), tuple(t for _, t in self.pairs)
+        # the student blocks and teacher layers whose hidden states (features) and attention (attention) are wanted
+        self.student_layers, self.teacher_layers = (blocks, layers) if feature_weight else ((), ())
+        self.student_att, self.teacher_att = (blocks, layers) if attention_weight else ((), ())
+        self.features = FeatureMatcher(self.pairs, n_embd, tc.hidden_size, kind) if feature_weight else None
+
+    def describe(self):
+        return (f"matching student blocks to teacher layers {self.pairs}: " + ', '.join(
+            f"{name} x{w:g}" for name, w in (('features', self.feature_weight), ('attention', self.attention_weight))
+            if w))
+
+    def losses(self, mine, inside, attention_mask):
+        """{'feature': ..., 'attention': ...} (those switched on) from the student's and the teacher's insides
+        ({'hidden': {layer: ...}, 'attention': {layer: ...}} each); the loss adds self.weight[k] x each."""
+        parts = {}
+        if self.features is not None:
+            parts['feature'] = self.features(mine['hidden'], inside['hidden'], attention_mask)
+        if self.attention_weight:
+            parts['attention'] = attention_loss(mine['attention'], inside['attention'], self.pairs, attention_mask,
+                                                self.n_kv_heads)
+        return parts

@@ -13,7 +13,6 @@ the teacher's logit width, so teacher and student logits align token for token.
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -244,30 +243,3 @@ class EMA:
             with torch.no_grad():
                 for k, p in model.named_parameters():
                     p.copy_(own[k])
-
-
-CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
-
-
-def load_checkpoint(path):
-    """A checkpoint written by train.py, loaded with weights_only=True (tensors and plain containers only, so a
-    file carrying pickled code is refused). Every way it can be unreadable is one SystemExit line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"indra: checkpoint {path} not found; train one with python train.py config/shakespeare.py "
-                         f"or pass the path of a best.pt / ckpt.pt")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF, key errors): each becomes one line
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        found = [l.split('Unsupported global: ')[1].split(' was ')[0] for l in lines if 'Unsupported global: ' in l]
-        if found:  # weights_only met a Python object that is not a tensor or a plain container
-            raise SystemExit(f"indra: refusing {path}: it carries pickled Python objects that a safe load does not "
-                             f"allow ({found[0][:120]}); only checkpoints written by train.py are accepted") from None
-        raise SystemExit(f"indra: {path} cannot be read ({type(e).__name__}: {lines[0].split('. ')[0][:120]}); it is truncated "
-                         f"or not a checkpoint: use another, e.g. the best.pt or ckpt.pt beside it") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"indra: {path} is not a train.py checkpoint (no {', '.join(missing)}); "
-                         f"pass a best.pt or ckpt.pt written by train.py")
-    return ckpt

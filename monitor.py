@@ -7,6 +7,7 @@ MFU is taken against, and memory, come from machine.py.
     rec = Records(out_dir, config, wandb_log=True, wandb_mode='offline')
     rec.log({'iter': 10, 'loss': 3.2})
     repetition(ids)  ->  {'distinct_1': .., 'distinct_2': .., 'top_share': ..}
+    watch(model, prompts, ...)  ->  a sample per fixed prompt, with its repetition statistics
 
 MFU counts FLOPs with the PaLM formula (Chowdhery et al. 2022, appendix B): 6N + 12 L T C per
 trained token and 2N + 4 L T C per teacher token (forward only), N the parameters that take part
@@ -18,6 +19,13 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
+
+import torch
+
+# Fixed prompts for the mode-collapse watch: seed 001's test questions for chat data, a line of verse otherwise.
+WATCH_PROMPTS = {'chat': ['If a store has 15 apples and sells 7, how many are left?', 'What is 25 + 17?',
+                          'The capital of France is Paris. What is the capital of France?'],
+                 'text': ['ROMEO:\nBut soft, what light through yonder window breaks?\n']}
 
 
 def student_flops_per_token(model, block_size):
@@ -50,6 +58,48 @@ def repetition(ids):
 def collapsed(stats, min_distinct_2=0.3, max_top_share=0.5):
     """True when a generation looks like mode collapse: few distinct bigrams, or one token dominating."""
     return stats['distinct_2'] < min_distinct_2 or stats['top_share'] > max_top_share
+
+
+@torch.no_grad()
+def watch(model, prompts, texts, encode, decode, tokens, seed, block_size, autocast, device):
+    """Sample `tokens` tokens from each fixed prompt (texts: the prompts as the student reads them, e.g. in the
+    chat template) with a fixed seed, temperature 1 and no filtering (the distribution as it is), and measure the
+    repetition in what came out. Seed 001's collapsed runs answered every question with colons or 'did did did';
+    this is the check it ran by hand, at every evaluation. Training's RNG is left as it was."""
+    results = []
+    model.eval()
+    gpus = [torch.device(device).index or torch.cuda.current_device()] if str(device).startswith('cuda') else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        for prompt, text in zip(prompts, texts):
+            ids = encode(text)[-(block_size // 2):]
+            with autocast:
+                out = model.generate(torch.tensor([ids], device=device), tokens, temperature=1.0)
+            new = out[0, len(ids):].tolist()
+            results.append({'prompt': prompt, 'sample': decode(new), **repetition(new)})
+    model.train()
+    return results
+
+
+def step_line(r, logged, memory):
+    """The printed line of one optimizer step, from its record r, the logged parts of its loss and its memory."""
+    parts = ', '.join(f'{k} {v:.4f}' for k, v in logged.items() if k != 'loss')
+    return (f"iter {r['iter']}: loss {r['loss']:.4f} ({parts}, kd {r['kd_weight']:.2f}, T {r['temperature']:.2f}) | "
+            f"lr {r['lr']:.2e}, grad norm {r['grad_norm']:.2f} | {r['dt'] * 1000:.0f} ms, {r['samples_per_s']:.1f} "
+            f"samples/s, {r['tokens_per_s']:,.0f} tok/s, MFU {'%.1f%%' % (100 * r['mfu']) if r['mfu'] else 'n/a'} | "
+            f"{memory}")
+
+
+def watch_lines(samples):
+    """The printed lines for the watch's samples: each sample, and a loud warning for one that looks collapsed."""
+    lines = []
+    for r in samples:
+        lines.append(f"  watch: {r['sample'][:100]!r} (distinct-2 {r['distinct_2']:.2f}, top token {r['top_share']:.0%})")
+        if collapsed(r):
+            lines.append(f"  !!! MODE COLLAPSE? the student answers {r['prompt'][:40]!r} with {r['sample'][:60]!r}: "
+                         f"{r['distinct_2']:.0%} distinct bigrams, one token is {r['top_share']:.0%} of it (seed 001). "
+                         f"Check the KL in training.png; lower learning_rate or raise kd_weight")
+    return lines
 
 
 def require(module, switch):

@@ -14,8 +14,8 @@ In training (s_ids, t_ids: the two streams of one split, from prepare.py's stude
   t_ends = vocab.ends(t_ids, vocab.token_lengths(teacher_tok))
   starts = vocab.window_starts(s_ends, t_ends, block_size)  # once; draw each batch's starts from these
   x, tx, tmask, pos = vocab.aligned_batch(s_ids, t_ids, s_ends, t_ends, starts[ix], block_size, teacher_len, pad_id)
-  h = teacher_hidden(teacher_model, tx, tmask)  # (B, teacher_len, C_teacher); pos picks the rows with a target
-  logits = projector(h) @ student_head.weight.detach().t()  # (B, teacher_len, V_student), see Projector
+  h, has = vocab.aligned_teacher(teacher_model, batch, autocast)   # the teacher's states where positions align
+  t, projector_ce = vocab.through_projector(projector, student_head.weight, h, has, x, ce_loss, autocast)
 """
 
 import numpy as np
@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from teacher import _unicode_to_byte
+from losses import Teacher
+from teacher import teacher_hidden
+from tokenizer import _unicode_to_byte
 
 EOS = '<|endoftext|>'
 
@@ -135,3 +137,25 @@ class Projector(nn.Module):
 
     def forward(self, h_teacher):
         return self.proj(h_teacher)
+
+
+def aligned_teacher(teacher_model, batch, autocast):
+    """The teacher's final hidden state on its tokens of the batch's text, taken at the positions aligned with the
+    student's (B, T, Ct), and where there is one (B, T) bool (data.Batch: teacher_x, teacher_mask, aligned)."""
+    with torch.no_grad(), autocast:
+        h = teacher_hidden(teacher_model, batch.teacher_x, batch.teacher_mask).to(batch.x.device)  # (B, Lt, Ct)
+    pos = batch.aligned
+    return h.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, h.size(-1))), pos >= 0
+
+
+def through_projector(projector, head, h, has, x, ce_loss, autocast):
+    """The projector's view of the aligned teacher states h: a Teacher for the KD term (its logits over the
+    student's vocabulary through the student's head, all under a stop-gradient) and the projector's own loss,
+    CE (ce_loss, a DistillationLoss with kd_weight 0) on the student's next tokens x where the teacher has a state
+    (this trains it; a projector trained by the KD term would just learn to agree with the student)."""
+    head = head.detach()
+    with autocast:
+        p = projector(h)  # (B, T, C)
+        targets = torch.cat([torch.zeros_like(has[:, :1]), has[:, :-1]], dim=1)  # loss masks mark the token predicted
+        p_ce = ce_loss(p, head, x, None, targets)[0]
+    return Teacher(hidden=p.detach(), head=head, mask=has), p_ce

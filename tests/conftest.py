@@ -102,7 +102,7 @@ def tiny_examples(tiny_teacher, tmp_path_factory):
     import random
     import numpy as np
     from transformers import AutoTokenizer
-    from teacher import tokenizer_hash
+    from tokenizer import tokenizer_hash
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     eos = tok.convert_tokens_to_ids('<|endoftext|>')
     words = TEXT.split()

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from losses import DistillationLoss, Teacher, counted_tokens, pad_examples
+from data import pad_examples
+from losses import DistillationLoss, Teacher, counted_tokens
 from model import Indra, IndraConfig
-from teacher import chat_prompt, token_bytes
+from tokenizer import chat_prompt, token_bytes
 from test_train import ROOT, run, tiny_args
 
 

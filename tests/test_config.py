@@ -1,4 +1,5 @@
-"""configurator.py: config files then --key=value, with clear errors.
+"""configurator.py: config files then --key=value, with clear errors; then train.py's settings checked as a
+whole (check_settings, called directly here, and once through the script to show it runs before any work).
 Run: python -m pytest tests/test_config.py"""
 import os
 import subprocess
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from configurator import configure
+from configurator import check_settings, configure, script_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {'batch_size': 8, 'learning_rate': 1e-3, 'teacher': 'smollm2-135m-instruct', 'compile': False}
+TRAIN = script_settings(ROOT / 'train.py')  # train.py's globals, read without running it
 
 
 def test_values_are_parsed_not_executed(tmp_path):
@@ -43,11 +45,58 @@ def test_config_file_typo_is_caught(tmp_path):
         configure(DEFAULTS, [str(cfg)])
 
 
+def test_script_settings_are_train_pys_globals():
+    assert TRAIN['batch_size'] == 8 and TRAIN['dtype'] == 'auto' and TRAIN['lr_multipliers'] == {}
+    assert 'config_keys' not in TRAIN and 'skipped_in_a_row' not in TRAIN  # only the block between the rulers
+    assert all(configure(TRAIN, [str(p)]) for p in (ROOT / 'config').glob('*.py'))  # every key they set is one
+
+
+SETTINGS_BAD = [  # (override of train.py's defaults, words the one line must hold)
+    ({'dtype': 'float16'}, '--dtype=float16 is for CUDA'),
+    ({'dtype': 'fp8'}, "--dtype='fp8': choose auto"),
+    ({'init_from': 'teacher'}, "--init_from='teacher': choose scratch or resume"),
+    ({'optimizer': 'sgd'}, "--optimizer='sgd': choose adamw or adamw8bit"),
+    ({'total_batch_size': 1000, 'batch_size': 4, 'block_size': 64},
+     'must be a positive multiple of batch_size x block_size = 256'),
+    ({'learning_rate': 0.0}, 'learning_rate=0.0 must be > 0'),
+    ({'learning_rate': -1.0}, 'learning_rate=-1.0 must be > 0'),
+    ({'max_iters': 0}, '--max_iters=0 must be a positive integer'),
+    ({'kd_weight': 1.5}, '--kd_weight=1.5 must be in [0, 1]'),
+    ({'temperature': 0.0}, 'temperatures must be > 0'),
+    ({'temperature_start': 4.0, 'teacher_targets': 'cache'}, 'a temperature schedule (--temperature_start) needs'),
+    ({'ema_decay': 1.0}, '--ema_decay=1.0 must be in [0, 1)'),
+    ({'lr_multipliers': {'blocks.*': -1}}, 'lr_multipliers maps name patterns to multipliers >= 0'),
+    ({'feature_weight': 1.0, 'teacher_targets': 'cache'}, 'need --teacher_targets=live'),
+    ({'kd_loss': 'kl'}, "--kd_loss='kl': choose one of"),
+    ({'student_tokenizer': 'wordpiece'}, "--student_tokenizer='wordpiece'"),
+    ({'student_tokenizer': 'bpe512', 'feature_weight': 1.0}, 'a student with its own tokenizer'),
+    ({'feature_loss': 'l1', 'feature_weight': 1.0}, "--feature_loss='l1': choose mse or cosine"),
+]
+
+
+@pytest.mark.parametrize('override,words', SETTINGS_BAD, ids=[w for _, w in SETTINGS_BAD])
+def test_settings_that_cannot_work_are_one_line(override, words):
+    with pytest.raises(SystemExit) as e:
+        check_settings({**TRAIN, **override})
+    msg = str(e.value)
+    assert msg.startswith('indra: ') and '\n' not in msg and words in msg, msg
+
+
+def test_settings_say_what_follows_from_them():
+    config = {**TRAIN, 'total_batch_size': 8192, 'batch_size': 4, 'block_size': 256, 'lr_decay_iters': 300,
+              'student_tokenizer': 'bpe512'}
+    got = check_settings(config, world_size=2)
+    assert config['gradient_accumulation_steps'] == 8 and got['micro_steps'] == 4
+    assert got['own_vocab'] == 512 and got['schedule_iters'] == 300 and got['criterion'].kd_weight == TRAIN['kd_weight']
+    with pytest.raises(SystemExit, match=r'shared among 3 ranks.*--gradient_accumulation_steps=9'):
+        check_settings({**config, 'total_batch_size': 0}, world_size=3)
+    with pytest.raises(SystemExit, match='cannot run once per rank'):
+        check_settings({**TRAIN, 'teacher_device_map': 'auto'}, ddp=True)
+
+
 @pytest.mark.parametrize('args,words', [
     (['--max_iter=2'], ['unknown config key', 'max_iters']),
     (['--max_iters=0'], ['max_iters', 'positive']),
-    (['--dtype=float16', '--device=cpu'], ['float16', 'CPU']),
-    (['--learning_rate=-1'], ['learning_rate']),
     (['config/does_not_exist.py'], ['not found']),
 ])
 def test_train_rejects_bad_input_before_any_work(tmp_path, args, words):

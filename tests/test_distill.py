@@ -51,16 +51,24 @@ def test_feature_and_attention_matching_train_log_and_resume(tiny_teacher, tiny_
     ({'attention_weight': 1.0, 'n_head': 1}, 'n_head=1 cannot be matched'),
     ({'feature_weight': 1.0, 'layer_map': [[3, 1]]}, 'out of range'),
     ({'attention_weight': 1.0, 'layer_map': [[1, 0]]}, 'teacher layer 0 is the embeddings'),
-    ({'feature_weight': 1.0, 'teacher_targets': 'cache'}, 'need --teacher_targets=live'),
-    ({'kd_loss': 'kl'}, "--kd_loss='kl': choose one of"),
-    ({'student_tokenizer': 'wordpiece'}, "--student_tokenizer='wordpiece'"),
-    ({'student_tokenizer': 'bpe512', 'feature_weight': 1.0}, 'a student with its own tokenizer'),
 ])
-def test_bad_settings_are_one_line(tiny_teacher, tiny_data, tmp_path, override, says):
+def test_matching_that_cannot_work_names_the_fix(tiny_teacher, override, says):
+    """Checked against the teacher's shape when matching is built (the settings alone are in test_config.py)."""
+    from transformers import AutoConfig
+    from matching import Matching
+    s = {'n_layer': 2, 'n_head': 2, 'n_embd': 32, 'layer_map': [], 'feature_weight': 0.0, 'attention_weight': 0.0,
+         **override}
+    with pytest.raises(ValueError, match=says):
+        Matching(s['n_layer'], s['n_head'], s['n_embd'], AutoConfig.from_pretrained(tiny_teacher), s['layer_map'],
+                 s['feature_weight'], s['attention_weight'])
+
+
+def test_bad_matching_stops_the_script_before_it_writes(tiny_teacher, tiny_data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(tiny_teacher, tiny_data, tmp_path / 'out',
-                                                                           **override)],
+                                                                           attention_weight=1.0, layer_map=[[1, 0]])],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and says in r.stderr.strip().splitlines()[-1] and 'Traceback' not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and 'teacher layer 0 is the embeddings' in last and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path / 'out' / 'ckpt.pt').exists()
 
 

@@ -3,7 +3,8 @@ Run: python -m pytest tests/test_model.py"""
 import pytest
 import torch
 
-from model import EMA, Indra, IndraConfig, filter_logits, load_checkpoint
+from checkpoint import load_checkpoint
+from model import EMA, Indra, IndraConfig, filter_logits
 
 
 def tiny(**kw):

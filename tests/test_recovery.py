@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from test_train import ROOT, records, run, tiny_args
 
 
@@ -147,20 +147,17 @@ def too_short(data):
     np.fromfile(data / 'val.bin', dtype=meta['dtype'])[:50].tofile(data / 'val.bin')  # 50 tokens < one block of 65
 
 
-BAD = [  # (name, train.py / sample.py arguments, words the one line must hold); {t} teacher, {d} data, {o} out_dir
+# (name, train.py / sample.py arguments, words the one line must hold); {t} teacher, {d} data, {o} out_dir.
+# Settings that fail on their own are checked directly (test_config.py: check_settings, configure; test_train.py:
+# param_groups); the two of them here show that the script runs those checks before it touches anything.
+BAD = [
     ('unknown key', ['--batch_sise=4'], "unknown config key 'batch_sise'"),
-    ('wrong type', ['--batch_size=4.5'], 'batch_size in --batch_size=4.5 must be int'),
-    ('missing config file', ['config/nope.py'], "config file 'config/nope.py' not found"),
     ('teacher does not resolve', ['--teacher=/no/such/teacher'], "teacher '/no/such/teacher' is not an existing"),
     ('quantization on CPU', ['--teacher_quantization=4bit'], 'needs a CUDA GPU'),
-    ('float16 on CPU', ['--dtype=float16'], '--dtype=float16 is for CUDA'),
     ('token files of another tokenizer', ['--data_dir={other}'], 'were made for tokenizer 0123456789abcdef'),
     ('dataset shorter than a block', ['--data_dir={short}'], 'val.bin in'),
     ('block_size beyond the checkpoint', ['--init_from=resume', '--block_size=128'], 'holds a student with block_size=64'),
-    ('batch does not divide', ['--total_batch_size=1000'], 'must be a positive multiple of batch_size x block_size = 256'),
-    ('non-positive learning rate', ['--learning_rate=0'], 'learning_rate=0.0 must be > 0'),
     ('non-positive iterations', ['--max_iters=0'], '--max_iters=0 must be a positive integer'),
-    ('LR pattern matches nothing', ["--lr_multipliers={{'head.*': 2.0}}"], "pattern 'head.*' matches no parameter"),
     ('EMA resume without EMA', ['--init_from=resume', '--ema_decay=0.9'], 'has no EMA'),
     ('fresh run over a checkpoint', ['--overwrite=False'], 'exists; continue it with --init_from=resume'),
     ('sample: no checkpoint', ['sample.py', '--ckpt={o}/nope.pt'], 'nope.pt not found'),

@@ -36,6 +36,8 @@ from tqdm import tqdm
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for teacher.py, from any working directory
 import teacher as teacher_lib  # noqa: E402
+from checkpoint import write_atomic  # noqa: E402
+from tokenizer import chat_batch, chat_prompt, encode, tokenizer_hash  # noqa: E402
 from machine import DTYPES, TORCH_DTYPE, choose_dtype, pick_device  # noqa: E402
 
 
@@ -255,7 +257,7 @@ def generate(model, tok, enc, prompts, cache_path, stop_ids, batch_size, max_new
                 continue
             done[r['prompt']] = r
         # rewritten with the whole lines only: appending after a cut line would glue the next one to it
-        teacher_lib.write_atomic(cache_path, ''.join(json.dumps(r) + '\n' for r in done.values()).encode('utf-8'))
+        write_atomic(cache_path, ''.join(json.dumps(r) + '\n' for r in done.values()).encode('utf-8'))
     todo = sorted({p for p in prompts if p not in done}, key=len)  # similar lengths batch with less padding
     if not todo:
         return done
@@ -265,7 +267,7 @@ def generate(model, tok, enc, prompts, cache_path, stop_ids, batch_size, max_new
     with open(cache_path, 'a', encoding='utf-8') as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            x, am = teacher_lib.chat_batch(enc, tok, batch, pad, device)
+            x, am = chat_batch(enc, tok, batch, pad, device)
             out = model.generate(input_ids=x, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=stop_ids, pad_token_id=pad)[:, x.shape[1]:].tolist()
             for p, new in zip(batch, out):
@@ -305,7 +307,7 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
     splits = make_prompts(n_train, n_val, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new files mid-write
-    cache_path = out_dir / f'responses-{teacher_lib.tokenizer_hash(tok)}-greedy-{max_new_tokens}-{teacher_dtype}.jsonl'
+    cache_path = out_dir / f'responses-{tokenizer_hash(tok)}-greedy-{max_new_tokens}-{teacher_dtype}.jsonl'
     print(f"{n_train} train + {n_val} held-out prompts; teacher {teacher} answers them greedily "
           f"(at most {max_new_tokens} tokens, batches of {batch_size}, on {device}, {teacher_dtype}), cached in {cache_path}")
     answers = generate(model, tok, enc, [e['prompt'] for s in splits.values() for e in s], cache_path, stop_ids,
@@ -318,7 +320,7 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
         ids, spans, mask, rows = [], [], [], []
         for e in examples:
             r = answers[e['prompt']]
-            prompt = teacher_lib.encode(enc, tok, teacher_lib.chat_prompt(tok, e['prompt']))
+            prompt = encode(enc, tok, chat_prompt(tok, e['prompt']))
             answer = r['ids'] + ([eot] if r['ended'] else [])  # the teacher's own tokens, as it generated them
             spans.append((len(ids), len(prompt) + len(answer)))
             ids += prompt + answer
@@ -326,16 +328,16 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
             e = {**e, 'response': tok.decode(r['ids'], skip_special_tokens=True).strip(), 'ended': r['ended']}
             e['teacher_correct'] = score(e, e['response'])
             rows.append(e)
-        teacher_lib.write_atomic(out_dir / f'{split}.bin', shakespeare.to_array(ids, dtype).tobytes())
-        teacher_lib.write_atomic(out_dir / f'{split}.idx', np.array(spans, dtype=np.int64).tobytes())
-        teacher_lib.write_atomic(out_dir / f'{split}.mask.bin', np.array(mask, dtype=np.uint8).tobytes())
-        teacher_lib.write_atomic(out_dir / f'{split}.jsonl', ''.join(json.dumps(e) + '\n' for e in rows).encode('utf-8'))
+        write_atomic(out_dir / f'{split}.bin', shakespeare.to_array(ids, dtype).tobytes())
+        write_atomic(out_dir / f'{split}.idx', np.array(spans, dtype=np.int64).tobytes())
+        write_atomic(out_dir / f'{split}.mask.bin', np.array(mask, dtype=np.uint8).tobytes())
+        write_atomic(out_dir / f'{split}.jsonl', ''.join(json.dumps(e) + '\n' for e in rows).encode('utf-8'))
         stats[split] = (np.array(spans)[:, 1], np.array(mask), rows)
-    meta = {'teacher': teacher, 'tokenizer_hash': teacher_lib.tokenizer_hash(tok), 'vocab_size': len(tok),
+    meta = {'teacher': teacher, 'tokenizer_hash': tokenizer_hash(tok), 'vocab_size': len(tok),
             'dtype': np.dtype(dtype).name, 'eos_id': int(eot), 'format': 'examples', 'chat': True,
             'train_examples': n_train, 'val_examples': n_val, 'max_new_tokens': max_new_tokens, 'seed': seed,
             'teacher_dtype': teacher_dtype}
-    teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
 
     rng = np.random.default_rng(0)
     for split, (lengths, mask, examples) in stats.items():

