@@ -75,28 +75,35 @@ def autocast(device, dtype):
 
 def probe(width, budget=0.2):
     """Seconds per (rows, width) @ (width, 4 width) product, the shape of the model's MLP, in float32 and under
-    bf16 autocast (as training runs it: float32 weights cast on the fly). Each dtype: one warm-up call, then the
-    best of up to 3 timed calls, stopping once `budget` seconds are spent on it, so the probe stays well under a
-    second where bf16 is slow. rows: up to 256 tokens, fewer for wide models (at most ~0.27 GFLOP a product);
-    with fewer than ~128 rows this CPU's bf16 penalty shows smaller than it is (4x at 16 rows, 6-9x from 128)."""
+    bf16 autocast (as training runs it: float32 weights cast on the fly). rows: up to 256 tokens, fewer for wide
+    models (at most ~0.27 GFLOP a product); with fewer than ~128 rows this CPU's bf16 penalty shows smaller than it
+    is (4x at 16 rows, 6-9x from 128). Each dtype: a warm-up call, then the best of up to 4 timings, taken in turn
+    (float32, bf16, float32, ...) so that a moment of load from another process slows both alike, each timing
+    repeating the product until it lasts a millisecond (a tiny model's product takes ~0.05 ms, within the
+    clock's noise), stopping once `budget` seconds are spent, so the probe stays well under a second."""
     rows = max(16, min(256, 2 ** 28 // (8 * width * width)))
     gen = torch.Generator().manual_seed(0)  # the caller's RNG is untouched
     x, w = torch.randn(rows, width, generator=gen), torch.randn(4 * width, width, generator=gen)
-    out = {'rows': rows, 'width': width}
-    for name in ('float32', 'bfloat16'):
-        best, spent = math.inf, 0.0
-        for i in range(4):
-            t0 = time.perf_counter()
-            with autocast('cpu', name):
+
+    def seconds(name, reps):
+        t0 = time.perf_counter()
+        with autocast('cpu', name):
+            for _ in range(reps):
                 F.linear(x, w)
-            dt = time.perf_counter() - t0
-            spent += dt
-            if i:
-                best = min(best, dt)
-                if spent > budget:
-                    break
-        out[name] = best
-    return out
+        return (time.perf_counter() - t0) / reps
+
+    names = ('float32', 'bfloat16')
+    for name in names:
+        seconds(name, 1)  # warm-up: the first call pays for allocation and the thread pool
+    best = {name: seconds(name, 1) for name in names}
+    reps = {name: max(1, math.ceil(1e-3 / best[name])) for name in names}
+    spent = 2 * sum(best.values())
+    for _ in range(3):
+        for name in names:
+            if spent < budget:
+                t = seconds(name, reps[name])
+                best[name], spent = min(best[name], t), spent + t * reps[name]
+    return {'rows': rows, 'width': width, **best}
 
 
 def choose_dtype(requested, device, width, saved=None, timings=None):
@@ -131,8 +138,11 @@ def choose_dtype(requested, device, width, saved=None, timings=None):
         cost = f"{ratio:.1f}x slower than" if ratio > 1 else f"{1 / ratio:.1f}x faster than"
         return 'bfloat16', (f"dtype bfloat16, {how}: on this CPU it is {cost} float32 ({timing})"
                             + ("; --dtype=auto would pick float32" if ratio > 1 else ""))
-    name = 'bfloat16' if t['bfloat16'] < t['float32'] else 'float32'
-    return name, f"dtype auto: {name}, the faster on this CPU ({timing})"
+    # bf16 only where it is clearly faster: within 10% the two are within the probe's noise, and float32 is the more exact
+    name = 'bfloat16' if t['bfloat16'] < t['float32'] / 1.1 else 'float32'
+    why = 'the faster on this CPU' if name == 'bfloat16' or t['float32'] < t['bfloat16'] else \
+        'as fast as bf16 here within 10%, and more exact'
+    return name, f"dtype auto: {name}, {why} ({timing})"
 
 
 def peak_flops(device, dtype, seconds=1.0):

@@ -33,7 +33,8 @@ agent = load_agent()
 @pytest.fixture(scope='module')
 def agent_data(tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp('agent')
-    agent.prepare(tiny_teacher, out, n_train=33, n_val=11, batch_size=8, max_new_tokens=12, device='cpu')
+    agent.prepare(tiny_teacher, out, n_train=33, n_val=11, batch_size=8, max_new_tokens=12, device='cpu',
+                  dtype='float32')
     return out
 
 
@@ -79,7 +80,8 @@ def test_generation_resumes_from_its_cache(agent_data, tiny_teacher, tmp_path):
     out = tmp_path / 'agent'
     out.mkdir()
     (out / cache.name).write_text(''.join(lines[:5]) + lines[5][:20])
-    agent.prepare(tiny_teacher, out, n_train=33, n_val=11, batch_size=8, max_new_tokens=12, device='cpu')
+    agent.prepare(tiny_teacher, out, n_train=33, n_val=11, batch_size=8, max_new_tokens=12, device='cpu',
+                  dtype='float32')
     again = (out / cache.name).read_text().splitlines(keepends=True)
     assert again[:5] == lines[:5] and len(again) == len(lines)
     assert sorted(json.loads(line)['prompt'] for line in again) == sorted(json.loads(line)['prompt'] for line in lines)

@@ -23,6 +23,9 @@ def test_auto_dtype_follows_the_probe(monkeypatch):
     assert name == 'float32' and '2.00 ms in float32' in line and '20.00 ms under bf16' in line
     monkeypatch.setattr(machine, 'probe', probe_saying(0.004, 0.001))  # bf16 4x faster: AMX
     assert choose_dtype('auto', 'cpu', 384)[0] == 'bfloat16'
+    monkeypatch.setattr(machine, 'probe', probe_saying(0.0020, 0.0019))  # within 10%: noise, and float32 is exact
+    name, line = choose_dtype('auto', 'cpu', 384)
+    assert name == 'float32' and 'within 10%' in line
 
 
 def test_an_explicit_dtype_is_honoured_and_bf16_says_what_it_costs(monkeypatch):

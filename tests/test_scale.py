@@ -87,7 +87,7 @@ def test_two_ranks_build_the_cache_one_process_writes(tiny_teacher, tiny_data, t
         for name in ('train.bin', 'val.bin', 'meta.json'):
             (data / name).write_bytes((Path(tiny_data) / name).read_bytes())
         torchrun(nproc, 'teacher.py', '--cache', f'--teacher={tiny_teacher}', f'--data_dir={data}', '--top_k=8',
-                 '--block_size=64', '--max_blocks=10', '--batch_size=2')
+                 '--block_size=64', '--max_blocks=10', '--batch_size=2', '--dtype=float32')
         out = targets_dir(data, 8, 2.0, 64)
         built[nproc] = {name: (out / name).read_bytes() for name in ('ids.bin', 'logp.bin', 'meta.json')}
         assert not list(out.glob('progress-*.json'))
