@@ -16,7 +16,10 @@ A third, attend_explicit, is the sdpa computation as plain ops; forward(need_wei
 to hand back the attention probabilities too (attention matching, matching.py).
 
 Shapes: a head has head_dim real features = head_dim // 2 complex numbers ("dc" below), so
-a student of width n_embd has as many attention parameters as a real GPT of that width.
+a student of width n_embd has as many attention parameters as a real GPT of that width. With
+n_kv_head < n_head, each key/value head serves a group of query heads (grouped-query attention).
+Rotary embedding as Llama and Qwen2 compute it pairs the features (i, i + head_dim / 2): that is
+[Re | Im] here, so their heads are these heads, weight for weight (inherit.py).
 python -m pytest tests/test_attention.py
 """
 import math
@@ -106,18 +109,23 @@ KERNELS = {'reference': attend_reference, 'sdpa': attend_sdpa}
 
 
 class ComplexAttention(nn.Module):
+    """n_head query heads over n_kv_head key/value heads (grouped-query attention when fewer: each k, v head serves
+    n_head // n_kv_head query heads in a row, as in Llama and Qwen2), head_dim real features per head."""
 
-    def __init__(self, n_embd, n_head, block_size, attn_impl='sdpa', dropout=0.0, rope_base=10000.0):
+    def __init__(self, n_embd, n_head, block_size, attn_impl='sdpa', dropout=0.0, rope_base=10000.0, n_kv_head=0,
+                 head_dim=0, bias=False):
         super().__init__()
-        assert n_embd % n_head == 0, f"n_embd={n_embd} must be divisible by n_head={n_head}"
-        self.head_dim = n_embd // n_head  # real features per head: Re and Im of head_dim // 2 complex numbers
-        assert self.head_dim % 2 == 0, f"n_embd // n_head = {self.head_dim} must be even (Re and Im halves)"
+        assert head_dim or n_embd % n_head == 0, f"n_embd={n_embd} must be divisible by n_head={n_head}, or set head_dim"
+        n_kv_head, head_dim = n_kv_head or n_head, head_dim or n_embd // n_head
+        assert head_dim % 2 == 0, f"head_dim={head_dim} must be even (Re and Im halves)"
+        assert n_head % n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}"
         assert attn_impl in KERNELS, f"attn_impl={attn_impl!r}: choose one of {sorted(KERNELS)}"
-        self.n_head, self.attn_impl = n_head, attn_impl
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # Re and Im of q, k, v for every head
-        self.proj = nn.Linear(n_embd, n_embd, bias=False)  # [Re, Im] of the output back to n_embd
+        self.n_head, self.n_kv_head, self.head_dim, self.attn_impl = n_head, n_kv_head, head_dim, attn_impl
+        # Re and Im of q for every query head, then of k and of v for every key/value head
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
+        self.proj = nn.Linear(n_head * head_dim, n_embd, bias=False)  # [Re, Im] of the output back to n_embd
         self.resid_dropout = nn.Dropout(dropout)
-        cos, sin = rotary_phases(block_size, self.head_dim // 2, rope_base)
+        cos, sin = rotary_phases(block_size, head_dim // 2, rope_base)
         self.register_buffer('cos', cos, persistent=False)
         self.register_buffer('sin', sin, persistent=False)
 
@@ -129,7 +137,12 @@ class ComplexAttention(nn.Module):
         is materialized, so ask only for the layers that need it). A query that sees no key gets zero weights.
         """
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, nkv, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads in a row
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         cos, sin = self.cos[:T], self.sin[:T]
         scale = 1.0 / math.sqrt(self.head_dim)  # Re(q . conj k) sums head_dim real products
         empty = None
@@ -146,7 +159,7 @@ class ComplexAttention(nn.Module):
             y = KERNELS[self.attn_impl](q, k, v, cos, sin, mask, scale)  # (B, nh, T, hs)
         if empty is not None:
             y = y.masked_fill(empty, 0.0)
-        y = self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        y = self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, nh * hs)))
         if not need_weights:
             return y
         return y, (att if empty is None else att.masked_fill(empty, 0.0))

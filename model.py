@@ -1,9 +1,11 @@
 """
 The indra student: a GPT-shaped decoder with complex-valued attention (attention.py).
 
-Token embedding tied to the output head, pre-norm blocks (RMSNorm -> complex attention,
-RMSNorm -> MLP), no learned position table (rotary phases carry position). The vocabulary is
-the teacher's logit width, so teacher and student logits align token for token.
+Token embedding tied to the output head (or a head of its own), pre-norm blocks (RMSNorm -> complex attention,
+RMSNorm -> MLP, GELU or SwiGLU), no learned position table (rotary phases carry position). The vocabulary is the
+teacher's logit width, so teacher and student logits align token for token. With a SwiGLU MLP and grouped
+key/value heads it has the shapes of a Llama (with q/k/v biases, of a Qwen2), so it can start as the teacher
+itself (inherit.py) and be pruned from it (prune.py).
 
     from model import IndraConfig, Indra
     model = Indra(IndraConfig(vocab_size=49152, n_layer=6, n_head=6, n_embd=384))
@@ -22,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from attention import ComplexAttention, additive_mask
 
 
+SIZES = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'mlp_hidden')  # the rest of the shape is architecture
+
+
 @dataclass
 class IndraConfig:
     vocab_size: int = 49152  # the teacher's logit width
@@ -29,22 +34,48 @@ class IndraConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
+    n_kv_head: int = 0  # key/value heads, each shared by n_head // n_kv_head query heads (GQA); 0 = n_head
+    head_dim: int = 0  # real features per head (Re and Im halves); 0 = n_embd // n_head
+    mlp: str = 'gelu'  # 'gelu': proj(gelu(fc x)) | 'swiglu': proj(silu(gate x) * up x), as in Llama and Qwen2
+    mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 n_embd (gelu), or 8/3 n_embd rounded up to 64 (swiglu)
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2 has them)
+    tie_head: bool = True  # the output head is the token embedding (one matrix); False: a head of its own
+    norm_eps: float = 0.0  # RMSNorm's epsilon; 0 = the machine epsilon of the activations' dtype
     dropout: float = 0.0
     attn_impl: str = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls)
     rope_base: float = 10000.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
     logit_clamp: float = 0.0  # > 0: logits pass through c * tanh(logits / c), bounded in (-c, c) (seed 002 used 30)
 
+    def __post_init__(self):
+        assert self.mlp in ('gelu', 'swiglu'), f"mlp={self.mlp!r}: choose 'gelu' or 'swiglu'"
+        self.n_kv_head = self.n_kv_head or self.n_head  # the sizes of 0 become what they mean
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        if not self.mlp_hidden:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == 'gelu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def describe(self):
+        """The shape in one line, e.g. '30 layers of 576, 9 query heads over 3 key/value heads of 64, ...'."""
+        return (f"{self.n_layer} layers of {self.n_embd}, {self.n_head} query heads over {self.n_kv_head} key/value "
+                f"heads of {self.head_dim}{', q/k/v biases' * self.qkv_bias}, {self.mlp} MLP of {self.mlp_hidden}, "
+                f"{'tied' if self.tie_head else 'untied'} head, rope base {self.rope_base:g}, "
+                f"norm eps {f'{self.norm_eps:g}' if self.norm_eps else 'machine epsilon'}")
+
 
 class MLP(nn.Module):
+    """gelu: proj(gelu(fc x)). swiglu: fc holds gate and up stacked, one matmul; proj(silu(gate x) * up x)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.swiglu = cfg.mlp == 'swiglu'
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.dropout(self.proj(F.silu(gate) * up))
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
@@ -52,9 +83,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.n_embd)
-        self.attn = ComplexAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.attn_impl, cfg.dropout, cfg.rope_base)
-        self.norm2 = nn.RMSNorm(cfg.n_embd)
+        eps = cfg.norm_eps or None
+        self.norm1 = nn.RMSNorm(cfg.n_embd, eps=eps)
+        self.attn = ComplexAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.attn_impl, cfg.dropout, cfg.rope_base,
+                                     cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias)
+        self.norm2 = nn.RMSNorm(cfg.n_embd, eps=eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, mask, need_weights=False):
@@ -75,9 +108,10 @@ class Indra(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.norm_f = nn.RMSNorm(cfg.n_embd)
+        self.norm_f = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
+        if cfg.tie_head:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith('proj.weight'):
@@ -86,6 +120,8 @@ class Indra(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def hidden_states(self, idx, attention_mask=None, layers=(), attention_layers=()):
         """The final normed hidden states (B, T, n_embd), before the tied head.
@@ -137,15 +173,16 @@ class Indra(nn.Module):
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
+        return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
     def param_report(self):
         """Parameter count with the embedding's share (seed 001 watched it: 79% in embeddings starves the blocks)."""
         total, emb = self.num_params(), self.wte.weight.numel()
         per_block = sum(p.numel() for p in self.blocks[0].parameters())
-        return (f"student: {total / 1e6:.2f}M parameters = embedding (tied with head) {emb / 1e6:.2f}M "
-                f"({100 * emb / total:.1f}%) + {self.config.n_layer} blocks x {per_block / 1e6:.2f}M "
-                f"+ final norm {self.norm_f.weight.numel()}")
+        head = '' if self.config.tie_head else f" + head {self.lm_head.weight.numel() / 1e6:.2f}M"
+        return (f"student: {total / 1e6:.2f}M parameters = embedding{' (tied with head)' * self.config.tie_head} "
+                f"{emb / 1e6:.2f}M ({100 * emb / total:.1f}%){head} + {self.config.n_layer} blocks x "
+                f"{per_block / 1e6:.2f}M + final norm {self.norm_f.weight.numel()}")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None):

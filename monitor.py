@@ -29,9 +29,11 @@ WATCH_PROMPTS = {'chat': ['If a store has 15 apples and sells 7, how many are le
 
 
 def student_flops_per_token(model, block_size):
-    """Forward + backward FLOPs per trained token (6N + 12 L T C)."""
-    cfg = model.config
-    return 6 * model.num_params() + 12 * cfg.n_layer * block_size * cfg.n_embd
+    """Forward + backward FLOPs per trained token: 6N for the matmuls (N without the embedding when the head has a
+    matrix of its own: a lookup is no matmul) + 12 L T (n_head head_dim) for the attention scores and output."""
+    cfg, attn = model.config, model.blocks[0].attn
+    n = model.num_params() - (0 if cfg.tie_head else model.wte.weight.numel())
+    return 6 * n + 12 * cfg.n_layer * block_size * attn.n_head * attn.head_dim
 
 
 def teacher_flops_per_token(teacher, block_size):
@@ -88,6 +90,15 @@ def step_line(r, logged, memory):
             f"lr {r['lr']:.2e}, grad norm {r['grad_norm']:.2f} | {r['dt'] * 1000:.0f} ms, {r['samples_per_s']:.1f} "
             f"samples/s, {r['tokens_per_s']:,.0f} tok/s, MFU {'%.1f%%' % (100 * r['mfu']) if r['mfu'] else 'n/a'} | "
             f"{memory}")
+
+
+def eval_line(stats, own_vocab):
+    """The printed line of one evaluation (the teacher seen through the projector when the student has its own
+    tokenizer)."""
+    who = 'projected teacher' if own_vocab else 'teacher'
+    line = (f"val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to {who} {stats['val_kl']:.4f}, {who} CE "
+            f"{stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
+    return line + (f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}" if 'ema_val_ce' in stats else '')
 
 
 def watch_lines(samples):

@@ -179,3 +179,30 @@ def test_need_weights_equals_sdpa_and_gives_the_probabilities(padded):
     _, att = attn(x, mask, need_weights=True)
     (att * torch.randn_like(att)).sum().backward()  # a loss on the weights alone reaches q and k
     assert torch.isfinite(attn.qkv.weight.grad).all() and attn.qkv.weight.grad[:96].abs().sum() > 0
+
+
+@pytest.mark.parametrize('padded', [False, True])
+def test_grouped_kv_heads_are_shared_by_their_query_heads(padded):
+    """n_kv_head < n_head: the module equals the one with a k/v head per query head whose k and v weights repeat
+    each group's (query heads 0-2 read k/v head 0, 3-5 head 1), with both kernels; a head_dim other than
+    n_embd / n_head and q/k/v biases as well."""
+    am = padding_mask() if padded else None
+    mask = None if am is None else additive_mask(am, 12, 'cpu')
+    x = torch.randn(2, 12, 24, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    grouped = ComplexAttention(24, 6, 16, n_kv_head=2, head_dim=10, bias=True)
+    full = ComplexAttention(24, 6, 16, head_dim=10, bias=True)
+    with torch.no_grad():
+        for name in ('weight', 'bias'):
+            q, k, v = getattr(grouped.qkv, name).split([60, 20, 20])  # 6 query heads, 2 k and 2 v heads, of 10
+            each = lambda t: t.unflatten(0, (2, 10)).repeat_interleave(3, 0).flatten(0, 1)  # head j -> 3j .. 3j + 2
+            getattr(full.qkv, name).copy_(torch.cat([q, each(k), each(v)]))
+        full.proj.weight.copy_(grouped.proj.weight)
+    assert grouped.qkv.weight.shape == (100, 24) and grouped.proj.weight.shape == (24, 60)
+    outs = []
+    for impl in ('sdpa', 'reference'):
+        for m in (grouped, full):
+            m.attn_impl = impl
+            outs.append(m(x, mask))
+    for y in outs[1:]:
+        assert torch.allclose(outs[0], y, atol=1e-5), (outs[0] - y).abs().max()

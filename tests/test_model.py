@@ -22,6 +22,19 @@ def test_head_is_tied_and_counted_once():
     assert 'embedding (tied with head)' in m.param_report()
 
 
+def test_swiglu_mlp_and_an_untied_head():
+    """mlp='swiglu': proj(silu(gate x) * up x), gate and up stacked in fc; tie_head=False: a head of its own, whose
+    matrix is counted (the embedding still is: both are parameters)."""
+    m = tiny(mlp='swiglu', mlp_hidden=48, tie_head=False)
+    mlp, x = m.blocks[0].mlp, torch.randn(3, 32)
+    gate, up = mlp.fc.weight[:48], mlp.fc.weight[48:]
+    assert torch.allclose(mlp(x), torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ mlp.proj.weight.T, atol=1e-6)
+    assert m.lm_head.weight is not m.wte.weight and 'untied' not in m.param_report() and '+ head 0.00M' in m.param_report()
+    per_block = 2 * 32 + 32 * 96 + 32 * 32 + 3 * 32 * 48
+    assert m.num_params() == 2 * 97 * 32 + 2 * per_block + 32
+    assert IndraConfig(n_embd=576, mlp='swiglu').mlp_hidden == 1536  # 8/3 x 576, rounded up to 64 (SmolLM2's)
+
+
 def test_seed_recipe_size():
     """Seed 000: 12 x 768 with Qwen2.5's 151,936 logits and tied embeddings, about 206M (ours: 201.7M)."""
     m = Indra(IndraConfig(vocab_size=151936, block_size=256, n_layer=12, n_head=12, n_embd=768))
