@@ -115,7 +115,7 @@ class ComplexAttention(nn.Module):
     def __init__(self, n_embd, n_head, block_size, attn_impl='sdpa', dropout=0.0, rope_base=10000.0, n_kv_head=0,
                  head_dim=0, bias=False):
         super().__init__()
-        assert head_dim or n_embd % n_head == 0, f"n_embd={n_embd} must be divisible by n_head={n_head}, or set head_dim"
+        assert head_dim or n_embd % n_head == 0, f"n_embd={n_embd} is not divisible by n_head={n_head}: set head_dim"
         n_kv_head, head_dim = n_kv_head or n_head, head_dim or n_embd // n_head
         assert head_dim % 2 == 0, f"head_dim={head_dim} must be even (Re and Im halves)"
         assert n_head % n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={n_kv_head}"

@@ -17,6 +17,7 @@ import json
 import os
 import random
 from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ import torch
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
 PROGRESS = ('iter_num', 'evaluated', 'best_val', 'bad_evals', 'skipped_total')
-SHAPE_KEYS = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd')  # what a resume must match
+SHAPE_KEYS = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'mlp', 'mlp_hidden',
+              'qkv_bias', 'tie_head', 'rope_base', 'norm_eps')  # what a resume must match
 
 
 def fail(msg):
@@ -96,7 +98,7 @@ def open_run(out_path, init_from, overwrite):
     """The checkpoint a run resumes (None for a fresh one), or one line when out_path does not fit init_from.
     Called before anything is written: a fresh run never overwrites a checkpoint unless told to."""
     ckpt = Path(out_path) / 'ckpt.pt'
-    if init_from == 'scratch' and ckpt.exists() and not overwrite:
+    if init_from != 'resume' and ckpt.exists() and not overwrite:
         fail(f"{ckpt} exists; continue it with --init_from=resume, or start over with another --out_dir or "
              f"--overwrite=True")
     if init_from == 'resume' and not ckpt.exists():
@@ -104,13 +106,25 @@ def open_run(out_path, init_from, overwrite):
     return load_checkpoint(ckpt) if init_from == 'resume' else None  # readable? fail now, not later
 
 
-def check_shape(ckpt, model_args, where):
-    """A resume must build the student it saved: one line naming every shape setting that differs."""
-    differ = [k for k in SHAPE_KEYS if ckpt['model_args'][k] != model_args[k]]
+def resume_shape(ckpt, model_args, where):
+    """The model_args a resume builds: the checkpoint's shape. A shape setting of 0 means the checkpoint's value
+    (as it meant the teacher's for init_from='teacher'), and so do mlp, qkv_bias, tie_head, rope_base and norm_eps
+    for a student that started from the teacher (they were the teacher's); any other setting that differs is one
+    line naming them all. Settings newer than the checkpoint take their defaults, which it was trained with."""
+    from model import SIZES, IndraConfig
+    defaults = {f.name: f.default for f in fields(IndraConfig)}
+    saved = {**defaults, **ckpt['model_args']}
+    keep = [k for k in SHAPE_KEYS if k not in SIZES] if ckpt.get('inherited') else []
+    asked = {k: saved[k] if k in keep or (k in SHAPE_KEYS and v == 0 and not isinstance(v, bool)) else v
+             for k, v in {**defaults, **model_args}.items()}
+    mine, theirs = asdict(IndraConfig(**asked)), asdict(IndraConfig(**saved))  # 0s resolved alike: head_dim, ...
+    differ = [k for k in SHAPE_KEYS if mine[k] != theirs[k]]
+    differ = [k for k in differ if asked[k] != saved[k]] or differ  # name what was set, not what followed from it
     if differ:
-        fail(f"{where} holds a student with " + ", ".join(f"{k}={ckpt['model_args'][k]}" for k in differ)
-             + " but this run asks for " + ", ".join(f"{k}={model_args[k]}" for k in differ)
+        fail(f"{where} holds a student with " + ", ".join(f"{k}={theirs[k]}" for k in differ)
+             + " but this run asks for " + ", ".join(f"{k}={mine[k]}" for k in differ)
              + "; resume with the checkpoint's settings")
+    return asked
 
 
 def rng_state(data_gen, cuda):
@@ -162,6 +176,18 @@ def restore(ckpt, parts, data_gen, cuda, where):
             fail(str(e))
     set_rng_state(ckpt['rng'], data_gen, cuda)
     return {k: ckpt[k] for k in PROGRESS}
+
+
+def start_log(out_path, config, resume, iter_num, evaluated):
+    """Write out_path/config.json for this run; remove a fresh run's old log.jsonl and training.png, or cut a
+    resumed run's log back to what the checkpoint holds (trim_log)."""
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / 'config.json').write_text(json.dumps(config, indent=2))
+    if resume:
+        trim_log(out_path, iter_num, evaluated)
+    else:
+        (out_path / 'log.jsonl').unlink(missing_ok=True)
+        (out_path / 'training.png').unlink(missing_ok=True)
 
 
 def trim_log(out_path, iter_num, evaluated):

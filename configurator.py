@@ -91,6 +91,7 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
     every schedule, 'own_vocab': the student's own BPE size or 0, 'criterion': the DistillationLoss}."""
     from losses import DistillationLoss
     from machine import DTYPES
+    from model import SIZES
     from monitor import require
     c = SimpleNamespace(**config)
 
@@ -105,12 +106,13 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
         fail(f"--dtype={c.dtype!r}: choose auto (measured), bfloat16, float16 or float32")
     if c.dtype == 'float16' and device_type == 'cpu':
         fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=auto, bfloat16 or float32")
-    for name, options in (('init_from', ('scratch', 'resume')), ('teacher_targets', ('live', 'cache')),
-                          ('optimizer', ('adamw', 'adamw8bit')), ('feature_loss', ('mse', 'cosine'))):
+    for name, options in (('init_from', ('scratch', 'resume', 'teacher')), ('mlp', ('gelu', 'swiglu')),
+                          ('teacher_targets', ('live', 'cache')), ('optimizer', ('adamw', 'adamw8bit')),
+                          ('feature_loss', ('mse', 'cosine'))):
         if config[name] not in options:
             fail(f"--{name}={config[name]!r}: choose {' or '.join(options)}")
     for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval',
-                 'eval_iters', 'log_interval', 'max_skipped_steps'):
+                 'eval_iters', 'log_interval', 'max_skipped_steps', 'prune_batches'):
         if config[name] <= 0:
             fail(f"--{name}={config[name]} must be a positive integer")
     tokens = c.batch_size * c.block_size
@@ -160,6 +162,23 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
         fail("a student with its own tokenizer sees other tokens than the teacher: feature and attention matching "
              "and the teacher-targets cache need the teacher's tokens; set --feature_weight=0 --attention_weight=0 "
              "--teacher_targets=live, or --student_tokenizer=''")
+    for name in SIZES:  # 0: the default (head_dim, ...), the teacher's (init_from='teacher'), the checkpoint's
+        needed = c.init_from == 'scratch' and name in ('n_layer', 'n_head', 'n_embd')  # a fresh student's own sizes
+        if config[name] < 0 or (needed and not config[name]):
+            fail(f"--{name}={config[name]} must be a positive integer (0 means the teacher's with --init_from=teacher)")
+    if c.n_head and c.n_kv_head and c.n_head % c.n_kv_head:
+        fail(f"--n_head={c.n_head} must be a multiple of --n_kv_head={c.n_kv_head}: each key/value head serves a "
+             f"group of query heads")
+    if c.head_dim % 2 or (not c.head_dim and c.n_head and c.n_embd % (2 * c.n_head)):
+        fail(f"a head's features are Re and Im halves, so head_dim must be even: head_dim={c.head_dim}, n_embd="
+             f"{c.n_embd}, n_head={c.n_head}; set an even --head_dim or an n_head that divides n_embd / 2")
+    if not all(type(i) is int for i in c.keep_layers) or (c.keep_layers and c.init_from != 'teacher'):
+        fail(f"--keep_layers={c.keep_layers} names teacher layers to keep, e.g. [0, 14, 29], with --init_from=teacher")
+    if c.rope_base <= 0 or c.norm_eps < 0:
+        fail(f"--rope_base={c.rope_base} must be > 0 and --norm_eps={c.norm_eps} >= 0 (0: the machine epsilon)")
+    if c.init_from == 'teacher' and own_vocab:
+        fail("--init_from=teacher gives the student the teacher's embedding, hence its tokenizer; use "
+             "--student_tokenizer='' with it, or --init_from=scratch")
     for switch, module in (('wandb_log', 'wandb'), ('aim_log', 'aim')):  # optional loggers: there, or one line
         if config[switch]:
             require(module, switch)

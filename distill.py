@@ -159,9 +159,18 @@ class Distill:
         return self.held_out
 
     @torch.no_grad()
-    def evaluate(self, data, eval_iters, seed):
-        """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE. An own
-        tokenizer: KL from the projected teacher, and the projected teacher's CE on the student's tokens."""
+    def evaluate(self, data, eval_iters, seed, ema=None):
+        """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE; with an
+        EMA, its weights' CE and KL on the same batches too (ema_val_ce, ema_val_kl; seed 002). An own tokenizer:
+        KL from the projected teacher, and the projected teacher's CE on the student's tokens."""
+        stats = self.held_out_stats(data, eval_iters, seed)
+        if ema is not None:
+            with ema.applied(self.model):
+                averaged = self.held_out_stats(data, eval_iters, seed)
+            stats.update(ema_val_ce=averaged['val_ce'], ema_val_kl=averaged['val_kl'])
+        return stats
+
+    def held_out_stats(self, data, eval_iters, seed):
         batches, t_ce = self.held_out_batches(data, eval_iters, seed)
         self.model.eval()
         totals = torch.zeros(3)

@@ -98,7 +98,9 @@ def eval_line(stats, own_vocab):
     who = 'projected teacher' if own_vocab else 'teacher'
     line = (f"val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to {who} {stats['val_kl']:.4f}, {who} CE "
             f"{stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
-    return line + (f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}" if 'ema_val_ce' in stats else '')
+    if 'ema_val_ce' in stats:
+        line += f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}"
+    return line
 
 
 def watch_lines(samples):

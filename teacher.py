@@ -167,6 +167,11 @@ def teacher_slug(spec):
 # -----------------------------------------------------------------------------
 # loading
 
+def teacher_config(spec):
+    """The teacher's Hugging Face config (its shapes), without loading its weights."""
+    return AutoConfig.from_pretrained(resolve(spec))
+
+
 def load_tokenizer(spec, path=None):
     """(HF tokenizer, tiktoken.Encoding or None) for a teacher spec; None means use the HF tokenizer."""
     tok = AutoTokenizer.from_pretrained(path or resolve(spec))

@@ -20,7 +20,6 @@ Every step is a record in out_dir/log.jsonl, drawn into out_dir/training.png at 
 out_dir/ckpt.pt is the latest state, best.pt the best val CE. Ctrl-C (SIGINT) or SIGTERM finishes the
 current step, writes ckpt.pt and says how to resume.
 """
-import json
 import math
 import random
 import signal
@@ -34,18 +33,19 @@ import torch
 import torch.distributed as dist
 
 import vocab
-from checkpoint import check_shape, open_run, restore, save, snapshot, trim_log
+from checkpoint import open_run, restore, save, snapshot, start_log
 from configurator import check_settings, configure
 from data import Data, prepare_on_first_use
 from distill import Distill
+from inherit import build_student
 from machine import Peak, all_sum, autocast as autocast_for, choose_dtype, keep_freed_memory, memory, memory_text, \
     peak_flops, pick_device, start_ranks
 from matching import Matching
-from model import EMA, Indra, IndraConfig
-from monitor import (WATCH_PROMPTS, Records, step_line, student_flops_per_token, teacher_flops_per_token, watch,
-                     watch_lines)
+from model import EMA
+from monitor import (WATCH_PROMPTS, Records, eval_line, step_line, student_flops_per_token, teacher_flops_per_token,
+                     watch, watch_lines)
 from optim import cosine_lr, kd_weight_at, make_optimizer, param_groups, temperature_at
-from teacher import build_targets, check_linear_head, load_teacher, teacher_slug
+from teacher import build_targets, check_linear_head, load_teacher, teacher_config, teacher_slug
 from tokenizer import chat_prompt, tokenizer_hash
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also wh
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'  # checkpoints and logs; relative paths are taken from the current directory
-init_from = 'scratch'  # 'scratch' | 'resume' (continue from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch' | 'resume' (continue from out_dir/ckpt.pt) | 'teacher' (its weights, inherit.py)
 overwrite = False  # allow a fresh run in an out_dir that already holds a checkpoint
 eval_interval = 50  # optimizer steps between held-out evaluations (and checkpoints)
 eval_iters = 10  # held-out batches per evaluation (the same batches every time)
@@ -80,10 +80,20 @@ teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA on
 teacher_device_map = ''  # '' = the teacher on device | 'auto': spread over all visible GPUs (too large for one; no torchrun)
 teacher_targets = 'live'  # 'live': the teacher runs every step | 'cache': its top-k targets, computed once (teacher.py --cache)
 targets_top_k = 64  # tokens per position kept in the cache
-# student
+# student (init_from='teacher': a size of 0 is the teacher's, a smaller one prunes it, the rest is the teacher's)
 n_layer = 6
 n_head = 6
+n_kv_head = 0  # key/value heads, each shared by n_head // n_kv_head query heads (GQA); 0 = n_head
 n_embd = 384
+head_dim = 0  # real features per head (Re and Im halves); 0 = n_embd // n_head
+mlp = 'gelu'  # 'gelu' | 'swiglu' (Llama's and Qwen2's)
+mlp_hidden = 0  # the MLP's hidden width; 0 = 4 x n_embd (gelu), 8/3 x n_embd (swiglu)
+qkv_bias = False  # biases on q, k, v (Qwen2)
+tie_head = True  # the output head is the token embedding
+rope_base = 10000.0  # rotary phases: position p turns pair i of a head by p x rope_base^(-2i / head_dim)
+norm_eps = 0.0  # RMSNorm's epsilon; 0 = the machine epsilon of the activations' dtype
+keep_layers = []  # init_from='teacher' with a smaller n_layer: these teacher layers (0-based); [] = by Block Influence
+prune_batches = 8  # training batches on which pruning measures what to keep (prune.py)
 dropout = 0.0
 attn_impl = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls, seed 000)
 gradient_checkpointing = False  # recompute activations in backward: less memory, slower
@@ -158,8 +168,10 @@ random.seed(seed)
 np.random.seed(seed)
 # The dtype is chosen once per run: rank 0 measures (a probe on the student's shapes; on CUDA, bf16 support),
 # every rank takes its choice, and the checkpoint keeps it, so a resumed run computes exactly as before.
-choice = list(choose_dtype(dtype, device, n_embd, saved=resumed and resumed['config']['dtype'])) if master \
-    else [None, None]
+choice = [None, None]
+if master:  # the probe runs on the student's width (the teacher's, for a student that inherits it)
+    choice = list(choose_dtype(dtype, device, n_embd or teacher_config(teacher).hidden_size,
+                               saved=resumed and resumed['config']['dtype']))
 if ddp:
     dist.broadcast_object_list(choice, src=0)
 dtype, dtype_line = choice
@@ -195,27 +207,25 @@ if teacher_targets == 'cache':  # the teacher's targets, computed once for align
     print(f"training on cached teacher targets: {data.cache['blocks']} blocks, top {targets_top_k} at T={temperature:g}")
 
 # ---- the student, what trains beside it, the optimizer (or all of it from the checkpoint) ----
-model_args = dict(vocab_size=data.vocab_size or teacher_vocab, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                  n_embd=n_embd, dropout=dropout, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
-                  logit_clamp=logit_clamp)
-if resumed is not None:
-    check_shape(resumed, model_args, out_path / 'ckpt.pt')
-model = Indra(IndraConfig(**model_args)).to(device)
+# from scratch, from the teacher's own weights (init_from='teacher', inherit.py), or the checkpoint's shape
+model, model_args, inherited = build_student(config, data, data.vocab_size or teacher_vocab, teacher, resumed,
+                                             out_path / 'ckpt.pt')
+model.to(device)
 print(model.param_report())
 # Trained beside the student, thrown away after: projections to the teacher's width for feature matching, the
 # projector that gives a student with its own tokenizer the teacher's predictions in its vocabulary.
 aux, matching = torch.nn.ModuleDict(), None
 if feature_weight or attention_weight:
     try:
-        matching = Matching(n_layer, n_head, n_embd, teacher_model.config, layer_map, feature_weight, attention_weight,
-                            feature_loss)
+        matching = Matching(model.config.n_layer, model.config.n_head, model.config.n_embd, teacher_model.config,
+                            layer_map, feature_weight, attention_weight, feature_loss)
     except ValueError as e:
         fail(str(e))
     print(matching.describe())
     if matching.features is not None:
         aux['features'] = matching.features
 if own_vocab:
-    aux['projector'] = vocab.Projector(teacher_model.config.hidden_size, n_embd)
+    aux['projector'] = vocab.Projector(teacher_model.config.hidden_size, model.config.n_embd)
 aux.to(device)
 # the tied head is the embedding: listed once, as wte.weight; then features.*, projector.*
 groups = param_groups(list(model.named_parameters()) + list(aux.named_parameters()), weight_decay, lr_multipliers)
@@ -246,7 +256,7 @@ def save_checkpoint(path, evaluated):
                             model_args=model_args, config=config,
                             tokenizer_hash=tokenizer_hash(tokenizer),  # the teacher's; an own one is kept whole:
                             student_tokenizer=data.student_tok.to_str() if own_vocab else None,  # no data needed
-                            eos_id=data.eos_id))
+                            eos_id=data.eos_id, inherited=inherited))
 
 
 stop_signal = None
@@ -270,13 +280,7 @@ print(f"FLOPs per token: student {student_flops / 1e6:.1f}M (fwd+bwd) + teacher 
       f"MFU against {'%.3f TFLOP/s' % (peak.flops / 1e12) if peak.flops else 'no peak'}: {peak.source}")
 records = None  # rank 0 logs
 if master:
-    out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / 'config.json').write_text(json.dumps(config, indent=2))
-    if init_from == 'scratch':
-        (out_path / 'log.jsonl').unlink(missing_ok=True)
-        (out_path / 'training.png').unlink(missing_ok=True)
-    else:
-        trim_log(out_path, iter_num, evaluated)
+    start_log(out_path, config, init_from == 'resume', iter_num, evaluated)  # config.json; the log from this step on
     records = Records(out_path, config, resume=init_from == 'resume', wandb_log=wandb_log, wandb_project=wandb_project,
                       wandb_run_name=wandb_run_name, wandb_mode=wandb_mode, aim_log=aim_log, aim_repo=aim_repo)
 if plot:
@@ -296,18 +300,10 @@ while True:
 
     # evaluate at step 0, every eval_interval and at the end; save; maybe stop early (seed 001)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not evaluated:
-        stats = distill.evaluate(data, eval_iters, seed)
+        stats = distill.evaluate(data, eval_iters, seed, ema)  # an EMA on the same batches too (seed 002)
         if not math.isfinite(stats['val_ce']):
             fail(f"step {iter_num}: held-out CE is {stats['val_ce']}; the weights are broken, so nothing was saved: "
                  f"{out_path / 'ckpt.pt'} holds the last good state (resume it with a lower --learning_rate)")
-        who = 'projected teacher' if own_vocab else 'teacher'  # own tokenizer: the teacher through the projector
-        line = (f"step {iter_num}: val CE {stats['val_ce']:.4f} (ppl {stats['val_ppl']:.1f}), KL to {who} "
-                f"{stats['val_kl']:.4f}, {who} CE {stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
-        if ema is not None:  # the averaged weights, on the same batches (seed 002)
-            with ema.applied(model):
-                ema_stats = distill.evaluate(data, eval_iters, seed)
-            stats.update({f'ema_{k}': ema_stats[k] for k in ('val_ce', 'val_kl')})
-            line += f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}"
         improved = stats['val_ce'] < best_val - min_delta
         best_val, bad_evals = (stats['val_ce'], 0) if improved else (best_val, bad_evals + 1)
         if watch_tokens and master:  # seed 001's collapse check: samples from fixed prompts, their repetition
@@ -317,7 +313,8 @@ while True:
                          watch_top_share=max(r['top_share'] for r in samples))
         if master:
             records.log({'iter': iter_num, **stats})
-        print('\n'.join([line + ('  *best*' if improved else '')] + watch_lines(stats.get('watch', []))), flush=True)
+        print('\n'.join([f"step {iter_num}: {eval_line(stats, own_vocab)}" + ('  *best*' if improved else '')]
+                        + watch_lines(stats.get('watch', []))), flush=True)
         if improved:
             save_checkpoint(out_path / 'best.pt', evaluated=True)
         save_checkpoint(out_path / 'ckpt.pt', evaluated=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import (atomic_file, check_shape, load_checkpoint, open_run, restore, save, snapshot, trim_log,
+from checkpoint import (atomic_file, load_checkpoint, open_run, restore, resume_shape, save, snapshot, trim_log,
                         write_atomic)
 from model import EMA, Indra, IndraConfig
 
@@ -74,7 +74,14 @@ def test_a_resume_must_match_what_was_saved(tmp_path):
     ckpt = load_checkpoint(tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match=r'holds a student with n_layer=2, n_embd=16 but this run asks for n_layer=3, '
                                          r'n_embd=32; resume with'):
-        check_shape(ckpt, {**ARGS, 'n_layer': 3, 'n_embd': 32}, 'ckpt.pt')
+        resume_shape(ckpt, {**ARGS, 'n_layer': 3, 'n_embd': 32}, 'ckpt.pt')
+    args = resume_shape(ckpt, {**ARGS, 'n_layer': 0, 'n_kv_head': 2, 'dropout': 0.0}, 'ckpt.pt')
+    assert (args['n_layer'], args['n_kv_head'], args['dropout']) == (2, 2, 0.0)  # 0: the checkpoint's; n_kv_head=2
+    # is what its default (n_head) meant; dropout is no shape
+    with pytest.raises(SystemExit, match=r'holds a student with n_kv_head=2 but this run asks for n_kv_head=1'):
+        resume_shape(ckpt, {**ARGS, 'n_kv_head': 1}, 'ckpt.pt')
+    with pytest.raises(SystemExit, match=r"holds a student with mlp=gelu but this run asks for mlp=swiglu"):
+        resume_shape(ckpt, {**ARGS, 'mlp': 'swiglu'}, 'ckpt.pt')
     no_aux = {**build(), 'aux': torch.nn.ModuleDict()}
     with pytest.raises(SystemExit, match=r"trained with \['features'\] auxiliary modules, this run asks for none"):
         restore(ckpt, no_aux, torch.Generator(), False, 'ckpt.pt')

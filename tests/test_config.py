@@ -54,7 +54,7 @@ def test_script_settings_are_train_pys_globals():
 SETTINGS_BAD = [  # (override of train.py's defaults, words the one line must hold)
     ({'dtype': 'float16'}, '--dtype=float16 is for CUDA'),
     ({'dtype': 'fp8'}, "--dtype='fp8': choose auto"),
-    ({'init_from': 'teacher'}, "--init_from='teacher': choose scratch or resume"),
+    ({'init_from': 'hub'}, "--init_from='hub': choose scratch or resume or teacher"),
     ({'optimizer': 'sgd'}, "--optimizer='sgd': choose adamw or adamw8bit"),
     ({'total_batch_size': 1000, 'batch_size': 4, 'block_size': 64},
      'must be a positive multiple of batch_size x block_size = 256'),
@@ -71,6 +71,14 @@ SETTINGS_BAD = [  # (override of train.py's defaults, words the one line must ho
     ({'student_tokenizer': 'wordpiece'}, "--student_tokenizer='wordpiece'"),
     ({'student_tokenizer': 'bpe512', 'feature_weight': 1.0}, 'a student with its own tokenizer'),
     ({'feature_loss': 'l1', 'feature_weight': 1.0}, "--feature_loss='l1': choose mse or cosine"),
+    ({'mlp': 'relu'}, "--mlp='relu': choose gelu or swiglu"),
+    ({'n_layer': 0}, "--n_layer=0 must be a positive integer (0 means the teacher's with --init_from=teacher)"),
+    ({'mlp_hidden': -1}, '--mlp_hidden=-1 must be a positive integer'),
+    ({'n_head': 6, 'n_kv_head': 4}, '--n_head=6 must be a multiple of --n_kv_head=4'),
+    ({'n_head': 6, 'n_embd': 390}, 'head_dim must be even: head_dim=0, n_embd=390, n_head=6'),
+    ({'head_dim': 7}, 'head_dim must be even: head_dim=7'),
+    ({'rope_base': 0.0}, '--rope_base=0.0 must be > 0'),
+    ({'init_from': 'teacher', 'student_tokenizer': 'bpe512'}, "--init_from=teacher gives the student the teacher's"),
 ]
 
 

@@ -297,8 +297,7 @@ def prepare(teacher, out_dir=None, n_train=2640, n_val=220, batch_size=32, max_n
     out_dir = pathlib.Path(out_dir) if out_dir else HERE / teacher_lib.teacher_slug(teacher)
     device = pick_device(device)
     t0 = time.time()
-    from transformers import AutoConfig
-    width = AutoConfig.from_pretrained(teacher_lib.resolve(teacher)).hidden_size  # the probe: the teacher's shapes
+    width = teacher_lib.teacher_config(teacher).hidden_size  # the probe: the teacher's shapes
     teacher_dtype, line = choose_dtype(dtype, device, width)
     print(line)
     model, tok, enc = teacher_lib.load_teacher(teacher, dtype=TORCH_DTYPE[teacher_dtype], device=device)
