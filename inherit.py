@@ -7,8 +7,8 @@ that turn is a multiplication by e^{i pos freq}, the phase indra's attention giv
 same frequencies); and the rotary score, q . k over the d features, is Re(q . conj(k)) over the d/2 complex
 numbers. So the teacher's q, k, v and o matrices are a complex student's as they stand, with no permutation.
 The rest is a student shape too (model.py): RMSNorm, a SwiGLU MLP, grouped key/value heads, q/k/v biases,
-an untied head. init_from='teacher' builds the student this way (train.py); tests/test_inherit.py holds its
-logits to the Hugging Face teacher's.
+an untied head. init_from='teacher' builds the student this way (train.py), pruned to smaller sizes if the
+settings ask for them (prune.py); tests/test_inherit.py holds its logits to the Hugging Face teacher's.
 
     from inherit import build_student, student_from_teacher
     model, model_args, kept = student_from_teacher('smollm2-135m-instruct', model_args)  # every size 0: the teacher
