@@ -182,7 +182,7 @@ def start_log(out_path, config, resume, iter_num, evaluated):
     """Write out_path/config.json for this run; remove a fresh run's old log.jsonl and training.png, or cut a
     resumed run's log back to what the checkpoint holds (trim_log)."""
     out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / 'config.json').write_text(json.dumps(config, indent=2))
+    write_json(out_path / 'config.json', config)
     if resume:
         trim_log(out_path, iter_num, evaluated)
     else:

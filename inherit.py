@@ -126,11 +126,12 @@ def student_from_teacher(spec, model_args, calibration=None, keep_layers=()):
         return model, args, None
     batches = calibration()
     t0 = time.time()
-    kept = prune.choose(prune.importance(model, batches), model.config, args, keep_layers)
+    scores = prune.importance(model, batches)
+    kept = prune.choose(scores, model.config, args, keep_layers)
     small = prune.prune(model, args, kept)
     print(prune.describe(kept, model.config, args, by_influence=not keep_layers))
     tokens = sum(x.numel() if m is None else m.sum().item() for x, m in batches)
-    print(f"calibration CE on {tokens:,} training tokens: {prune.calibration_ce(model, batches):.4f} with the "
+    print(f"calibration CE on {tokens:,} training tokens: {scores['ce']:.4f} with the "
           f"teacher's shape, {prune.calibration_ce(small, batches):.4f} pruned (measured and cut in "
           f"{time.time() - t0:.0f}s)")
     return small, args, kept

@@ -29,7 +29,7 @@ from model import Indra, IndraConfig
 @torch.no_grad()
 def importance(model, batches):
     """{'blocks': (L,) Block Influence, 'channels': (C,), 'neurons': (L, mlp_hidden), 'groups': (L, n_kv_head)}:
-    each a mean over the batches' real tokens."""
+    each a mean over the batches' real tokens; and 'ce', the model's calibration_ce() on them, from the same pass."""
     cfg = model.config
     nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     sums = {'blocks': torch.zeros(cfg.n_layer), 'channels': torch.zeros(cfg.n_embd),
@@ -65,15 +65,16 @@ def importance(model, batches):
                   block.attn.proj.register_forward_hook(o_hook(i))]
     was_training = model.training
     model.eval()
+    ce = torch.zeros(2)  # summed CE, tokens
     try:
         for x, mask in batches:
             real['w'] = torch.ones_like(x, dtype=torch.float32) if mask is None else mask.float()
-            model.hidden_states(x, mask)
+            ce += next_token_ce(model, model.hidden_states(x, mask), x, mask)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v / len(batches) for k, v in sums.items()}
+    return {**{k: v / len(batches) for k, v in sums.items()}, 'ce': (ce[0] / ce[1]).item()}
 
 
 def top(scores, k):
@@ -126,18 +127,24 @@ def prune(model, args, kept):
 
 @torch.no_grad()
 def calibration_ce(model, batches):
-    """The mean next-token CE over the batches' real tokens (one row at a time: the logits are vocabulary-wide)."""
-    total, count = 0.0, 0
+    """The mean next-token CE over the batches' real tokens."""
+    was_training = model.training
     model.eval()
-    for x, mask in batches:
-        for b in range(x.size(0)):
-            m = torch.ones_like(x[b]) if mask is None else mask[b]
-            logits = model(x[b:b + 1], None if mask is None else m[None])[0][0, :-1].float()
-            counted = (m[:-1] * m[1:]).bool()
-            total += F.cross_entropy(logits[counted], x[b, 1:][counted], reduction='sum').item()
-            count += counted.sum().item()
-    model.train()
-    return total / count
+    ce = sum(next_token_ce(model, model.hidden_states(x, mask), x, mask) for x, mask in batches)
+    model.train(was_training)
+    return (ce[0] / ce[1]).item()
+
+
+def next_token_ce(model, h, x, mask):
+    """(summed CE, tokens) of the next-token predictions from hidden states h (B, T, C) where both tokens are real,
+    through the head one row at a time (the logits are vocabulary-wide)."""
+    out = torch.zeros(2)
+    for b in range(x.size(0)):
+        m = torch.ones_like(x[b]) if mask is None else mask[b]
+        counted = (m[:-1] * m[1:]).bool()
+        logits = model.head(h[b, :-1][counted]).float()
+        out += torch.tensor([F.cross_entropy(logits, x[b, 1:][counted], reduction='sum').item(), counted.sum().item()])
+    return out
 
 
 def describe(kept, cfg, args, by_influence):

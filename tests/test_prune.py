@@ -80,6 +80,7 @@ def test_dropping_a_block_that_is_an_identity_changes_nothing():
         model.blocks[1].attn.proj.weight.zero_()
         model.blocks[1].mlp.proj.weight.zero_()
     scores = prune.importance(model, batches())
+    assert scores['ce'] == pytest.approx(prune.calibration_ce(model, batches()), abs=1e-6)  # the same pass's CE
     assert abs(scores['blocks'][1]) < 1e-6 and (scores['blocks'][[0, 2]] > 1e-3).all()  # cos(x, x) = 1 in float32
     args = {**SHAPE, 'n_layer': 2}
     kept = prune.choose(scores, model.config, args, ())
