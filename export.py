@@ -36,6 +36,7 @@ from transformers import (
 
 import vocab
 from checkpoint import load_student
+from export_gguf import gguf_plan
 from inherit import ARCHITECTURES, weight_table
 from teacher import resolve
 from tokenizer import tokenizer_hash
@@ -165,8 +166,7 @@ def export(ckpt_path, out, fmt='hf', dtype='float32', ema=False):
     config = hf_config(model.config, tok, ckpt['eos_id'], DTYPES[dtype])
     tensors = hf_tensors(model, config)
     if fmt == 'gguf':
-        # the GGUF writer checks the tokenizer and names the tensors now, before anything is written
-        from export_gguf import gguf_plan
+        # checks the tokenizer and names the tensors now, before anything is written
         write = gguf_plan(config, tensors, tok, None if ckpt.get('student_tokenizer') else ckpt['config']['teacher'],
                           dtype)
     else:
