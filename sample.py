@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import load_checkpoint
-from model import EMA, Indra, IndraConfig
+from checkpoint import load_student
 from teacher import load_teacher, load_tokenizer
 from tokenizer import chat_prompt, encode, tokenizer_hash
 
@@ -29,7 +28,8 @@ parser.add_argument('--chat', action='store_true', help="wrap the prompt in the 
 parser.add_argument('--no_teacher', action='store_true', help='with --chat: the student only (skips loading the teacher)')
 parser.add_argument('--num_samples', type=int, default=2)
 parser.add_argument('--max_new_tokens', type=int, default=120)
-parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
+parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy: the argmax at every step (top_k, top_p '
+                    'then change nothing), as transformers generate(do_sample=False) on an export')
 parser.add_argument('--top_k', type=int, default=50, help='0 = off')
 parser.add_argument('--top_p', type=float, default=1.0, help='1.0 = off')
 parser.add_argument('--seed', type=int, default=1337)
@@ -39,19 +39,8 @@ args = parser.parse_args()
 sys.stdout.reconfigure(line_buffering=True)  # every line shows at once, also in a file or a pipe
 
 path = Path(args.ckpt)
-ckpt = load_checkpoint(path)  # weights_only: tensors and plain containers, no pickled code; errors are one line
-model = Indra(IndraConfig(**ckpt['model_args']))
-model.load_state_dict(ckpt['model'])
-if args.ema:
-    if ckpt.get('ema') is None:
-        raise SystemExit(f"indra: {path} has no EMA weights (trained with ema_decay=0); drop --ema")
-    ema = EMA(model, ckpt['ema']['decay'])
-    try:
-        ema.load_state_dict(ckpt['ema'], path)
-    except ValueError as e:  # names the tensor that does not fit (seed 002's EMA crash, as one line)
-        raise SystemExit(f"indra: {e}") from None
-    ema.copy_to(model)
-model.to(args.device).eval()
+model, ckpt = load_student(path, args.ema)  # weights_only: tensors and plain containers; every error is one line
+model.to(args.device)
 torch.manual_seed(args.seed)
 
 teacher = ckpt['config']['teacher']

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import vocab
-from checkpoint import open_run, restore, save, snapshot, start_log
+from checkpoint import open_run, restore, save, snapshot, start_log, tokenizer_files
 from configurator import check_settings, configure
 from data import Data, prepare_on_first_use
 from distill import Distill
@@ -256,6 +256,7 @@ def save_checkpoint(path, evaluated):
                             model_args=model_args, config=config,
                             tokenizer_hash=tokenizer_hash(tokenizer),  # the teacher's; an own one is kept whole:
                             student_tokenizer=data.student_tok.to_str() if own_vocab else None,  # no data needed
+                            tokenizer_files=tokenizer_files(tokenizer),  # the teacher's, for export.py
                             eos_id=data.eos_id, inherited=inherited))
 
 
