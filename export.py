@@ -83,7 +83,7 @@ def checkpoint_tokenizer(ckpt, where):
                 (Path(tmp) / name).write_text(text, encoding='utf-8')
             tok = AutoTokenizer.from_pretrained(tmp)
     else:
-        print(f"indra: {where} was saved before checkpoints kept their tokenizer; taking teacher {spec!r}'s")
+        print(f"indra: {where} was saved before checkpoints kept their tokenizer; taking the tokenizer of teacher {spec!r}")
         try:
             path = resolve(spec)
         except SystemExit as e:  # the reason, in this line: the teacher spec is all an old checkpoint has
