@@ -129,22 +129,27 @@ class ComplexAttention(nn.Module):
         self.register_buffer('cos', cos, persistent=False)
         self.register_buffer('sin', sin, persistent=False)
 
-    def forward(self, x, mask=None, need_weights=False):
+    def forward(self, x, mask=None, need_weights=False, cache=None):
         """x: (B, T, C); mask: additive (B|1, 1, T, T) from additive_mask(), or None for causal only.
 
         Returns (B, T, C); with need_weights, (output, attention probabilities (B, nh, T, T) fp32) from
         attend_explicit instead of the attn_impl kernel (same output, tests hold them equal; T x T per head
         is materialized, so ask only for the layers that need it). A query that sees no key gets zero weights.
+
+        cache: a dict kept by the caller between calls (generation): x holds the tokens after those already in it,
+        mask is (B|1, 1, T, T_past + T) (cached_mask), and the keys and values of all of them stay in it (cached()).
         """
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, nkv, hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        scale = 1.0 / math.sqrt(self.head_dim)  # Re(q . conj k) sums head_dim real products
+        if cache is not None:
+            return self.cached(q, k, v, mask, scale, cache)
         if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads in a row
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         cos, sin = self.cos[:T], self.sin[:T]
-        scale = 1.0 / math.sqrt(self.head_dim)  # Re(q . conj k) sums head_dim real products
         empty = None
         if mask is not None:
             # A query with no visible key (a left-padding position) would softmax over all -inf
@@ -163,3 +168,33 @@ class ComplexAttention(nn.Module):
         if not need_weights:
             return y
         return y, (att if empty is None else att.masked_fill(empty, 0.0))
+
+    def cached(self, q, k, v, mask, scale, cache):
+        """Attention of new tokens over every key so far, the earlier ones read from cache. q, k, v: (B, heads, T, hs)
+        of the new tokens, at positions P..P+T-1 after the P cached. k is kept rotated and before the grouped-query
+        repeat, so a step costs one token's projections. It is the sdpa kernel's computation whatever attn_impl is
+        (the two kernels are held equal), with forward's zeros for a query that sees no key."""
+        B, _, T, hs = q.shape
+        past = cache['k'].size(2) if cache else 0
+        assert past + T <= self.cos.size(0), f"{past + T} positions > block_size {self.cos.size(0)}: no phase for them"
+        cos, sin = self.cos[past:past + T], self.sin[past:past + T]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache:
+            k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+        cache['k'], cache['v'] = k, v  # (B, nkv, past + T, hs)
+        if self.n_kv_head < self.n_head:
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+        empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(empty, 0.0).to(q.dtype), scale=scale)
+        y = y.masked_fill(empty, 0.0).transpose(1, 2).reshape(B, T, self.n_head * hs)
+        return self.resid_dropout(self.proj(y))
+
+
+def cached_mask(attention_mask, T, past, device, dtype=torch.float32):
+    """additive_mask for T new queries at positions past..past+T-1 over all past + T keys, (B|1, 1, T, past + T):
+    query i sees keys up to past + i, and no padding. attention_mask: (B, past + T) or None."""
+    causal = torch.full((T, past + T), float('-inf'), device=device, dtype=dtype).triu(past + 1)  # (T, past + T)
+    if attention_mask is None:
+        return causal.view(1, 1, T, past + T)
+    pad = torch.zeros(attention_mask.shape, device=device, dtype=dtype).masked_fill(attention_mask == 0, float('-inf'))
+    return causal.view(1, 1, T, past + T) + pad.view(-1, 1, 1, past + T)

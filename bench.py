@@ -315,6 +315,25 @@ row("end to end", 'tokens/s', f"{tok_s:,.0f}", 'MFU', f"{mfu:.1%}" if mfu else '
     f"(FLOPs/token: student {f_student / 1e6:.0f}M + teacher {f_teacher / 1e6:.0f}M; peak "
     f"{(peak.flops or 0) / 1e12:.3f} TFLOP/s {dtype}, {peak.source})" + (f"; {raised}" if raised else ''))
 
+# ---- generation: the key/value cache vs the whole window every token (eval.py's answers, sample.py) ----
+gen_prompt = torch.randint(1000, (8, 32), device=device)  # 8 prompts of 32 tokens, 96 new ones each, greedy
+student.eval()
+
+
+def generating(use_cache):
+    def run():
+        with torch.no_grad(), amp:
+            return student.generate(gen_prompt, 96, temperature=0, use_cache=use_cache)
+    return run
+
+
+gen = {'cached': generating(True), 'uncached': generating(False)}
+same = torch.equal(gen['cached'](), gen['uncached']())
+gen_t = timed(gen, repeats=2)
+row("generate 8 x (32 + 96 tokens)", 'uncached', ms(gen_t['uncached']), 'kv cache', ms(gen_t['cached']),
+    f"-> {gen_t['uncached'] / gen_t['cached']:.1f}x faster; {'the same' if same else 'NOT the same'} greedy tokens")
+student.train()
+
 # ---- GPU only: the seed 000 recipe (12 x 768 student, 4-bit teacher, seq 256, batch 1 x 32) ----
 if cuda:  # not yet run on a GPU by its author: this task had none
     try:

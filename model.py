@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import ComplexAttention, additive_mask
+from attention import ComplexAttention, additive_mask, cached_mask
 
 
 SIZES = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'mlp_hidden')  # the rest of the shape is architecture
@@ -90,12 +90,12 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.n_embd, eps=eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, need_weights=False):
+    def forward(self, x, mask, need_weights=False, cache=None):
         """(x, attention probabilities (B, nh, T, T) or None): one return type, so checkpoint() can wrap either."""
         if need_weights:
             a, att = self.attn(self.norm1(x), mask, need_weights=True)
         else:
-            a, att = self.attn(self.norm1(x), mask), None
+            a, att = self.attn(self.norm1(x), mask, cache=cache), None
         x = x + a
         return x + self.mlp(self.norm2(x)), att
 
@@ -123,21 +123,27 @@ class Indra(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx, attention_mask=None, layers=(), attention_layers=()):
+    def hidden_states(self, idx, attention_mask=None, layers=(), attention_layers=(), cache=None):
         """The final normed hidden states (B, T, n_embd), before the tied head.
 
         layers, attention_layers: block numbers 1..n_layer whose output (B, T, n_embd), before any final
         norm, and attention probabilities (B, n_head, T, T) are wanted too (feature and attention matching,
         matching.py). If either is given, returns (h, {'hidden': {i: ...}, 'attention': {i: ...}}).
         Only the blocks in attention_layers leave the fused kernel to materialize their T x T weights.
+        cache: one dict per block (generate): idx holds the tokens after those already cached, attention_mask
+        (B, cached + T) all of them; the blocks keep their keys and values in it.
         """
         B, T = idx.shape
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        past = cache[0]['k'].size(2) if cache and cache[0] else 0
+        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
         n = self.config.n_layer
         wrong = sorted({*layers, *attention_layers} - set(range(1, n + 1)))
         if wrong:
             raise ValueError(f"student block {wrong[0]} does not exist: blocks are numbered 1..{n}")
-        mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
+        if cache is not None:
+            mask = cached_mask(attention_mask, T, past, idx.device)
+        else:
+            mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
         extras = {'hidden': {}, 'attention': {}}
         x = self.drop(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks, start=1):
@@ -145,7 +151,7 @@ class Indra(nn.Module):
             if self.config.gradient_checkpointing and self.training:
                 x, att = checkpoint(block, x, mask, need, use_reentrant=False)
             else:
-                x, att = block(x, mask, need)
+                x, att = block(x, mask, need, None if cache is None else cache[i - 1])
             if need:
                 extras['attention'][i] = att
             if i in layers:
@@ -185,15 +191,27 @@ class Indra(nn.Module):
                 f"{per_block / 1e6:.2f}M + final norm {self.norm_f.weight.numel()}")
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None,
+                 use_cache=True):
         """Sample up to max_new_tokens after idx (B, T). A row that emits eos_id keeps emitting it;
         generation stops once every row has. temperature 0 means greedy.
-        attention_mask (B, T) marks real prompt tokens (prompts left-padded to one length)."""
+        attention_mask (B, T) marks real prompt tokens (prompts left-padded to one length).
+        use_cache: keep every block's keys and values, so each new token costs one token's forward, not the whole
+        sequence's (tests/test_model.py: the same tokens as without). Past block_size the window slides and every
+        position moves, so from there on it runs uncached, on the last block_size tokens."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache, cached = ([{} for _ in self.blocks] if use_cache else None), 0  # tokens of idx in the cache
         for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size:]
-            mask = None if attention_mask is None else attention_mask[:, -self.config.block_size:]
-            logits = self.head(self.hidden_states(window, mask)[:, -1, :]).float()  # (B, V)
+            if cache is not None and idx.size(1) > self.config.block_size:
+                cache = None
+            if cache is not None:
+                h = self.hidden_states(idx[:, cached:], attention_mask, cache=cache)
+                cached = idx.size(1)
+            else:
+                window = idx[:, -self.config.block_size:]
+                mask = None if attention_mask is None else attention_mask[:, -self.config.block_size:]
+                h = self.hidden_states(window, mask)
+            logits = self.head(h[:, -1, :]).float()  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

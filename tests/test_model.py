@@ -88,6 +88,47 @@ def test_generate_greedy_is_deterministic_and_respects_block_size():
     assert a.shape == (1, 18) and torch.equal(a, b)
 
 
+STUDENTS = {'plain': {}, 'grouped, biases, swiglu': dict(n_head=4, n_kv_head=2, qkv_bias=True, mlp='swiglu')}
+
+
+@pytest.mark.parametrize('attn_impl', ['sdpa', 'reference'])
+@pytest.mark.parametrize('shape', sorted(STUDENTS))
+def test_the_key_value_cache_gives_the_full_forward(shape, attn_impl):
+    """hidden_states fed in pieces through a cache (the prompt, then one token at a time, then three) equals one
+    forward over the whole sequence, row by row, with left padding (a row of 3 pads, one of none)."""
+    m = tiny(attn_impl=attn_impl, **STUDENTS[shape]).eval()
+    with torch.no_grad():  # random biases: a zero bias would hide a bias applied at the wrong position
+        for b in m.blocks:
+            if b.attn.qkv.bias is not None:
+                b.attn.qkv.bias.normal_()
+    idx, am = torch.randint(97, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    am[0, :3] = 0
+    with torch.no_grad():
+        full = m.hidden_states(idx, am)
+        cache, parts = [{} for _ in m.blocks], []
+        for a, b in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 12)]:
+            parts.append(m.hidden_states(idx[:, a:b], am[:, :b], cache=cache))
+    assert cache[0]['k'].shape == (2, m.config.n_kv_head, 12, m.config.head_dim)  # kept before the GQA repeat
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', sorted(STUDENTS))
+def test_generation_with_the_cache_is_generation_without_it(shape):
+    """Token for token, greedy, over left-padded prompts with an eos, and past block_size (where the cache is
+    dropped and the window slides)."""
+    m = tiny(block_size=16, **STUDENTS[shape]).eval()
+    with torch.no_grad():  # weights 10x their init: attention then decides the argmax (at init the embedding does)
+        for p in m.parameters():
+            p.mul_(10)
+    idx, am = torch.randint(97, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    am[1, :2] = am[2, :4] = 0
+    for new, eos in [(10, None), (10, int(m.generate(idx, 3, temperature=0, attention_mask=am)[0, -1])), (20, None)]:
+        a = m.generate(idx, new, temperature=0, eos_id=eos, attention_mask=am)
+        b = m.generate(idx, new, temperature=0, eos_id=eos, attention_mask=am, use_cache=False)
+        assert torch.equal(a, b)
+    assert a.shape == (3, 26)  # 6 + 20 > block_size 16: past it, uncached
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
