@@ -36,12 +36,7 @@ def additive_mask(attention_mask, T, device, dtype=torch.float32):
     Seed 000: the padding mask becomes additive (1 -> 0, 0 -> -inf) and is added to the causal
     mask, so a key that is in the future *or* padding gets -inf and softmax weight 0.
     """
-    causal = torch.full((T, T), float('-inf'), device=device, dtype=dtype).triu(1)  # (T, T)
-    if attention_mask is None:
-        return causal.view(1, 1, T, T)
-    pad = torch.zeros(attention_mask.shape, device=device, dtype=dtype)
-    pad = pad.masked_fill(attention_mask[:, :T] == 0, float('-inf'))  # (B, T) keys
-    return causal.view(1, 1, T, T) + pad.view(-1, 1, 1, T)
+    return cached_mask(None if attention_mask is None else attention_mask[:, :T], T, 0, device, dtype)
 
 
 def rotary_phases(T, dc, base=10000.0, device=None):
