@@ -14,6 +14,7 @@ progress: the loop's counters (iter_num, evaluated, best_val, bad_evals, skipped
 draws the same batches, dropout masks and samples as the uninterrupted one: every RNG is saved beside
 the weights and restored with them (seed 002 resumed with fresh weights and the same data order).
 """
+import functools
 import json
 import os
 import random
@@ -115,6 +116,7 @@ def load_student(path, ema=False):
     return model.eval(), ckpt
 
 
+@functools.cache  # the same files at every save of a run: written out once, on the first
 def tokenizer_files(tokenizer):
     """{file name: text}: the tokenizer as save_pretrained writes it (tokenizer.json, tokenizer_config.json, the
     chat template), kept in every checkpoint so that export.py can write it beside the weights after the teacher
