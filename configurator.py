@@ -153,6 +153,12 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
                                          or c.attention_weight):
         fail("the teacher-targets cache holds top-k log-probs, enough for forward KL on the full vocabulary only; "
              "--kd_loss, --kd_top_k, --feature_weight and --attention_weight need --teacher_targets=live")
+    if not 0.0 <= c.onpolicy_frac <= 1.0 or c.onpolicy_temperature < 0:
+        fail(f"--onpolicy_frac={c.onpolicy_frac} must be in [0, 1] (0 = off) and --onpolicy_temperature="
+             f"{c.onpolicy_temperature} >= 0 (0 = greedy)")
+    if c.onpolicy_frac and (c.teacher_targets == 'cache' or c.student_tokenizer):
+        fail("on-policy batches are graded by the live teacher on its own tokens; --onpolicy_frac needs "
+             "--teacher_targets=live and --student_tokenizer=''")
     if c.feature_weight < 0 or c.attention_weight < 0:
         fail(f"--feature_weight={c.feature_weight} and --attention_weight={c.attention_weight} must be >= 0 (0 = off)")
     own_vocab = int(c.student_tokenizer[3:]) if re.fullmatch(r'bpe\d+', c.student_tokenizer) else 0

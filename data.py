@@ -85,6 +85,7 @@ class Batch:
     teacher_x: torch.Tensor = None  # own tokenizer: the teacher's tokens of the same text (B, Lt) ...
     teacher_mask: torch.Tensor = None  # ... their attention mask (B, Lt) ...
     aligned: torch.Tensor = None  # ... and per student position the teacher position that ends with it, -1: none
+    sampled: bool = False  # the answers are the student's own (onpolicy.py): the loss is the divergence alone
 
 
 class Data:
@@ -164,6 +165,13 @@ class Data:
     def vocab_size(self):
         """The student's vocabulary: its own BPE's, else None (the teacher's logit width)."""
         return self.student_meta['vocab_size'] if self.student_tok else None
+
+    @property
+    def longest_answer(self):
+        """Example data: the most answer tokens (loss-mask tokens) any training example has."""
+        spans = self.by_length['train'][0]
+        counts = np.concatenate([[0], np.cumsum(np.fromfile(self.path / 'train.mask.bin', dtype=np.uint8))])
+        return int((counts[spans[:, 0] + spans[:, 1]] - counts[spans[:, 0]]).max())
 
     @property
     def eos_id(self):

@@ -9,11 +9,15 @@ evaluate() at every evaluation; everything that differs between kinds of run is 
   an own tokenizer      the teacher runs on its tokens of the same text; at the aligned positions its state
                         goes through the projector into the student's vocabulary, and the projector learns
                         from its own CE beside the student (vocab.py)
+  on-policy             for a share of the example batches the student answers the prompts itself, and the
+                        loss is the divergence alone on its answer's tokens (onpolicy.py)
 
-    distill = Distill(model, teacher_model, criterion, autocast, matching=None, projector=None)
-    loss, parts = distill.loss(batch)     # parts: 'ce', 'kl' (the divergence), 'feature', 'attention', 'projector_ce'
+    distill = Distill(model, teacher_model, criterion, autocast, matching=None, projector=None, onpolicy=None)
+    loss, parts = distill.loss(batch, at=(step, micro_step))  # parts: 'ce', 'kl' (the divergence), 'feature',
+                                                              # 'attention', 'projector_ce', 'onpolicy'
     stats = distill.evaluate(data, eval_iters=8, seed=1337)
 """
+import copy
 import math
 
 import torch
@@ -43,12 +47,12 @@ class Distill:
     """The student model (Indra) learning from teacher_model through criterion (a DistillationLoss, whose
     kd_weight and temperature the loop sets per step), under autocast. matching: a matching.Matching or None;
     projector: the own tokenizer's vocab.Projector or None. compile_on: a batch to compile the student on (None:
-    eager); ddp: wrap the training forward in DistributedDataParallel."""
+    eager); ddp: wrap the training forward in DistributedDataParallel; onpolicy: an onpolicy.OnPolicy or None."""
 
     def __init__(self, model, teacher_model, criterion, autocast, matching=None, projector=None, compile_on=None,
-                 ddp=False):
+                 ddp=False, onpolicy=None):
         self.model, self.teacher, self.criterion, self.autocast = model, teacher_model, criterion, autocast
-        self.matching, self.projector = matching, projector
+        self.matching, self.projector, self.onpolicy = matching, projector, onpolicy
         self.device = next(model.parameters()).device
         self.teacher_head = teacher_model.get_output_embeddings().weight.to(self.device)  # a copy if device-mapped
         chunk, clamp = criterion.chunk_tokens, criterion.logit_clamp
@@ -63,7 +67,7 @@ class Distill:
         # the parts of the loss in the log ('kl' is the divergence kd_loss)
         self.logged = ['loss', 'ce', 'kl'] + ['projector_ce'] * bool(projector) \
             + ['feature'] * bool(matching and matching.feature_weight) \
-            + ['attention'] * bool(matching and matching.attention_weight)
+            + ['attention'] * bool(matching and matching.attention_weight) + ['onpolicy'] * bool(onpolicy)
 
     def _compile(self, batch):
         """torch.compile the student now, on a real batch, so that the first timed step is not the compilation;
@@ -105,23 +109,32 @@ class Distill:
             return t, {}, p_ce
         if b.cached is not None:
             return b.cached, {}, None
-        if self.criterion.kd_weight > 0 or self.matching:
+        if self.criterion.kd_weight > 0 or self.matching or b.sampled:
             return (*self.run_teacher(b.x, b.attention_mask), None)
         return None, {}, None
 
     # ---- the student's loss ----
-    def loss(self, b):
+    def loss(self, b, at=(0, 0)):
         """The loss of one micro-batch, to backprop, and its parts, detached, for the log: 'ce', 'kl' (the
-        divergence kd_loss), and when switched on 'feature', 'attention' and 'projector_ce'."""
+        divergence kd_loss), and when switched on 'feature', 'attention', 'projector_ce' and 'onpolicy' (1 when
+        the student answered this batch). at: (optimizer step, micro-step), which seed on-policy sampling."""
+        if self.onpolicy is not None and self.onpolicy.chosen(*at):
+            b = self.onpolicy.sampled(self.model, b, *at, self.autocast)
+        criterion = self.criterion
+        if b.sampled:  # the student's own tokens are no labels: the divergence alone (GKD), the CE only logged
+            criterion = copy.copy(criterion)
+            criterion.kd_weight = 1.0
         t, inside, p_ce = self.teacher_says(b)
         parts = {} if p_ce is None else {'projector_ce': p_ce.detach()}
+        if self.onpolicy is not None:
+            parts['onpolicy'] = torch.tensor(float(b.sampled))
         x, am, m = b.x, b.attention_mask, self.matching
         with self.autocast:
             if m:
                 h, mine = self.train_hidden(x, am, m.student_layers, m.student_att)
             else:
                 h = self.train_hidden(x, am)
-            loss, parts['ce'], parts['kl'] = self.criterion(h, self.model.lm_head.weight, x, am, b.loss_mask, teacher=t)
+            loss, parts['ce'], parts['kl'] = criterion(h, self.model.lm_head.weight, x, am, b.loss_mask, teacher=t)
             if p_ce is not None:
                 loss = loss + p_ce  # the projector learns from its own CE, beside the student
             for k, part in (m.losses(mine, inside, am) if m else {}).items():  # feature, then attention matching

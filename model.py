@@ -192,13 +192,14 @@ class Indra(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None,
-                 use_cache=True):
+                 use_cache=True, generator=None):
         """Sample up to max_new_tokens after idx (B, T). A row that emits eos_id keeps emitting it;
         generation stops once every row has. temperature 0 means greedy.
         attention_mask (B, T) marks real prompt tokens (prompts left-padded to one length).
         use_cache: keep every block's keys and values, so each new token costs one token's forward, not the whole
         sequence's (tests/test_model.py: the same tokens as without). Past block_size the window slides and every
-        position moves, so from there on it runs uncached, on the last block_size tokens."""
+        position moves, so from there on it runs uncached, on the last block_size tokens.
+        generator: a torch.Generator to sample from (on idx's device); None: torch's global one."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, cached = ([{} for _ in self.blocks] if use_cache else None), 0  # tokens of idx in the cache
         for _ in range(max_new_tokens):
@@ -216,7 +217,7 @@ class Indra(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-                nxt = torch.multinomial(probs, num_samples=1)  # (B, 1)
+                nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
                 finished |= nxt.squeeze(1) == eos_id

@@ -44,6 +44,7 @@ from matching import Matching
 from model import EMA
 from monitor import (WATCH_PROMPTS, Records, eval_line, step_line, student_flops_per_token, teacher_flops_per_token,
                      watch, watch_lines)
+from onpolicy import OnPolicy
 from optim import cosine_lr, kd_weight_at, make_optimizer, param_groups, temperature_at
 from teacher import build_targets, check_linear_head, load_teacher, teacher_config, teacher_slug
 from tokenizer import chat_prompt, tokenizer_hash
@@ -111,6 +112,8 @@ kd_loss = 'forward_kl'  # the divergence: 'forward_kl' | 'reverse_kl' | 'jsd' | 
 jsd_beta = 0.5  # jsd: the teacher's weight in the mixture; 0 is forward KL, 1 reverse KL (GKD)
 skew_alpha = 0.1  # skew_kl: KL(teacher || alpha teacher + (1 - alpha) student) (DistiLLM)
 kd_top_k = 0  # > 0: the divergence on the union of the teacher's and the student's top-k tokens only (seed 002)
+onpolicy_frac = 0.0  # example data: this share of batches the student answers, the teacher grades (onpolicy.py, GKD)
+onpolicy_temperature = 1.0  # the sampling temperature of those answers; 0 = greedy
 # matching the teacher's insides (seed 003), on student blocks mapped to teacher layers
 feature_weight = 0.0  # > 0: + feature_weight x the feature loss (learned projections to the teacher's width)
 feature_loss = 'mse'  # 'mse' (on RMS-normalized teacher features) | 'cosine'
@@ -241,8 +244,10 @@ if resumed is not None:
     resumed = None  # free it
 iter_num, evaluated, best_val, bad_evals, skipped_total = (progress[k] for k in progress)
 # what the teacher says about a batch and the loss the student learns from it (distill.py)
+onpolicy = OnPolicy.for_data(onpolicy_frac, onpolicy_temperature, data, seed) if onpolicy_frac else None
 distill = Distill(model, teacher_model, criterion, autocast, matching, aux['projector'] if own_vocab else None,
-                  compile_on=data.batch('val', torch.Generator().manual_seed(0)) if compile else None, ddp=ddp)
+                  compile_on=data.batch('val', torch.Generator().manual_seed(0)) if compile else None, ddp=ddp,
+                  onpolicy=onpolicy)
 watch_prompts = WATCH_PROMPTS['chat' if data.meta.get('chat') else 'text']  # seed 001's questions on chat data
 watch_texts = [chat_prompt(tokenizer, p) if data.meta.get('chat') else p for p in watch_prompts]
 
@@ -340,7 +345,7 @@ while True:
         # DDP averages the gradients over the ranks at the last micro-step of each rank, not before
         last = micro_step >= gradient_accumulation_steps - world_size
         with nullcontext() if last or not ddp else distill.train_hidden.no_sync():
-            loss, loss_parts = distill.loss(b)
+            loss, loss_parts = distill.loss(b, at=(iter_num, micro_step))
             scaler.scale(loss / micro_steps).backward()  # / micro_steps, then DDP's mean over ranks: / accumulation
         sums += torch.tensor([loss.item()] + [loss_parts[k] for k in distill.logged[1:]] + [b.x.numel()])
         longest = max(longest, b.x.shape[1] if b.attention_mask is None else b.attention_mask.sum(1).max().item())

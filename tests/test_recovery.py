@@ -158,6 +158,7 @@ BAD = [
     ('dataset shorter than a block', ['--data_dir={short}'], 'val.bin in'),
     ('block_size beyond the checkpoint', ['--init_from=resume', '--block_size=128'], 'holds a student with block_size=64'),
     ('non-positive iterations', ['--max_iters=0'], '--max_iters=0 must be a positive integer'),
+    ('on-policy on a text stream', ['--onpolicy_frac=0.5'], 'lets the student answer prompts'),
     ('EMA resume without EMA', ['--init_from=resume', '--ema_decay=0.9'], 'has no EMA'),
     ('fresh run over a checkpoint', ['--overwrite=False'], 'exists; continue it with --init_from=resume'),
     ('sample: no checkpoint', ['sample.py', '--ckpt={o}/nope.pt'], 'nope.pt not found'),
