@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import random
+import signal
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -208,6 +209,23 @@ def restore(ckpt, parts, data_gen, cuda, where):
             fail(str(e))
     set_rng_state(ckpt['rng'], data_gen, cuda)
     return {k: ckpt[k] for k in PROGRESS}
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM asks the run to finish its optimizer step, write ckpt_path and exit 0: signal holds
+    the signal's name once one came (train.py looks after each step). A second one stops at once, without saving."""
+
+    def __init__(self, ckpt_path):
+        self.signal, self.ckpt_path = None, ckpt_path
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: finishing this step, then writing {self.ckpt_path} (send it again to stop at once, "
+              f"without saving)", flush=True)
 
 
 def start_log(out_path, config, resume, iter_num, evaluated):

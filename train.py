@@ -22,7 +22,6 @@ current step, writes ckpt.pt and says how to resume.
 """
 import math
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import vocab
-from checkpoint import open_run, restore, save, snapshot, start_log, tokenizer_files
+from checkpoint import StopRequest, open_run, restore, save, snapshot, start_log, tokenizer_files
 from configurator import check_settings, configure
 from data import Data, prepare_on_first_use
 from distill import Distill
@@ -265,19 +264,6 @@ def save_checkpoint(path, evaluated):
                             eos_id=data.eos_id, inherited=inherited))
 
 
-stop_signal = None
-
-
-def request_stop(signum, frame):
-    """SIGINT / SIGTERM: finish the optimizer step, save, exit 0. A second one stops at once, without saving."""
-    global stop_signal
-    if stop_signal is not None:
-        raise KeyboardInterrupt
-    stop_signal = signal.Signals(signum).name
-    print(f"\n{stop_signal}: finishing this step, then writing {out_path / 'ckpt.pt'} (send it again to stop "
-          f"at once, without saving)", flush=True)
-
-
 # ---- the loop ---------------------------------------------------------------
 student_flops = student_flops_per_token(model, block_size)
 teacher_flops = teacher_flops_per_token(teacher_model, block_size) if teacher_targets == 'live' else 0
@@ -291,8 +277,7 @@ if master:
                       wandb_run_name=wandb_run_name, wandb_mode=wandb_mode, aim_log=aim_log, aim_repo=aim_repo)
 if plot:
     from plot import draw
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop = StopRequest(out_path / 'ckpt.pt')  # Ctrl-C or SIGTERM: finish the step, save, exit 0
 skipped_in_a_row = 0
 trained = list(model.parameters()) + list(aux.parameters())
 model.train()
@@ -403,13 +388,13 @@ while True:
     evaluated = False
 
     # a signal (to any rank) stops every rank after the same step, with a checkpoint
-    if ddp and all_sum(torch.tensor(float(stop_signal is not None))) > 0:
-        stop_signal = stop_signal or 'a signal to another rank'
-    if stop_signal:
+    if ddp and all_sum(torch.tensor(float(stop.signal is not None))) > 0:
+        stop.signal = stop.signal or 'a signal to another rank'
+    if stop.signal:
         save_checkpoint(out_path / 'ckpt.pt', evaluated=False)
         if master:
             records.close()
-        print(f"stopped by {stop_signal} after step {iter_num - 1}: {out_path / 'ckpt.pt'} holds everything; resume with\n"
+        print(f"stopped by {stop.signal} after step {iter_num - 1}: {out_path / 'ckpt.pt'} holds everything; resume with\n"
               f"  python train.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--init_from='))} --init_from=resume")
         sys.exit(0)
 
