@@ -36,10 +36,12 @@ import torch.nn.functional as F
 
 from attention import ComplexAttention
 from configurator import config_file
+from distill import Distill
 from losses import DistillationLoss, Teacher
 from machine import DTYPES, TORCH_DTYPE, Peak, autocast, choose_dtype, keep_freed_memory, peak_flops, pick_device, probe
 from model import Indra, IndraConfig
 from monitor import student_flops_per_token, teacher_flops_per_token
+from onpolicy import OnPolicy, answer_batch
 
 ROOT = Path(__file__).resolve().parent
 
@@ -333,6 +335,33 @@ gen_t = timed(gen, repeats=2)
 row("generate 8 x (32 + 96 tokens)", 'uncached', ms(gen_t['uncached']), 'kv cache', ms(gen_t['cached']),
     f"-> {gen_t['uncached'] / gen_t['cached']:.1f}x faster; {'the same' if same else 'NOT the same'} greedy tokens")
 student.train()
+
+# ---- on-policy distillation: a step on the student's own answers vs one on recorded answers (onpolicy.py) ----
+# 16 chat-sized examples (prompts of 40 to 120 tokens, recorded answers of 24), as config/agent_cpu.py's batches. A
+# student at random init rarely says eos, so it samples all 64 tokens: the dearest case, cached generation included.
+eos = tok.eos_token_id
+gen_rng = torch.Generator().manual_seed(0)
+prompt_lens = torch.linspace(40, 120, 16).long().tolist()
+ex = [(torch.randint(1000, (n,), generator=gen_rng).tolist(), torch.randint(1000, (24,), generator=gen_rng).tolist()
+       + [eos]) for n in prompt_lens]
+recorded = answer_batch([p for p, _ in ex], [a for _, a in ex], eos, block, device, sampled=False)
+onpolicy_crit = DistillationLoss(kd_weight, T, kd_loss='jsd')
+
+
+def distill_step(policy):
+    d = Distill(student, teacher, onpolicy_crit, amp, onpolicy=policy)
+
+    def step():
+        loss, _ = d.loss(recorded)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+op = timed({'recorded': distill_step(None), 'sampled': distill_step(OnPolicy(1.0, 1.0, 64, eos, seed=0))}, repeats=3)
+row("step on 16 examples, jsd", 'recorded answers', ms(op['recorded']), 'sampled answers (64)', ms(op['sampled']),
+    f"-> an on-policy step {op['sampled'] / op['recorded']:.2f}x a supervised one, sampling included")
 
 # ---- GPU only: the seed 000 recipe (12 x 768 student, 4-bit teacher, seq 256, batch 1 x 32) ----
 if cuda:  # not yet run on a GPU by its author: this task had none

@@ -46,10 +46,11 @@ def prompts_and_answers(b):
     return out
 
 
-def answer_batch(prompts, answers, eos_id, block_size, device):
+def answer_batch(prompts, answers, eos_id, block_size, device, sampled=True):
     """Rows of prompt + answer, right-padded with eos_id (as data.pad_examples pads), as a Batch: attention mask 1
     on every real token, loss mask 1 on the answer's tokens. An answer is cut after its first eos (kept: the
-    student learns where to stop) and at block_size; tokens after eos are not part of the row."""
+    student learns where to stop) and at block_size; tokens after eos are not part of the row. sampled: whether
+    the answers are the student's own (the batch then takes the divergence alone)."""
     rows, masks = [], []
     for p, a in zip(prompts, answers):
         a = a[:a.index(eos_id) + 1] if eos_id in a else a
@@ -60,7 +61,7 @@ def answer_batch(prompts, answers, eos_id, block_size, device):
     am, lm = torch.zeros_like(x), torch.zeros_like(x)
     for i, (r, m) in enumerate(zip(rows, masks)):
         x[i, :len(r)], am[i, :len(r)], lm[i, :len(r)] = torch.tensor(r), 1, torch.tensor(m)
-    return Batch(x.to(device), am.to(device), lm.to(device), sampled=True)
+    return Batch(x.to(device), am.to(device), lm.to(device), sampled=sampled)
 
 
 class OnPolicy:
