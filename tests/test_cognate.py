@@ -1,0 +1,150 @@
+"""Seed 001's Cognate student (cognate.py, model.py) and its optimizer, MuGrokfast (optim.py): each fast path against
+a plain loop, recursions=1 against the plain student, the memory's independence of the batch, exact resume.
+Run: python -m pytest tests/test_cognate.py"""
+import pytest
+import torch
+
+from cognate import act_stats, act_weights, decaying_memory
+from losses import counted_tokens
+from model import Indra, IndraConfig
+
+TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
+COGNATE = dict(TINY, recursions=3, act=True, ltm=True, ltm_dim=8)
+
+
+def test_act_combines_the_passes_as_the_loop_does():
+    """p_n = h_n prod_(m<n)(1 - h_m), the remainder on the last pass, token by token in Python; the model's output
+    is sum_n p_n x_n of its passes (read back by running the blocks pass by pass)."""
+    torch.manual_seed(0)
+    h = torch.rand(2, 5, 3)
+    p = act_weights(h)
+    for b in range(2):
+        for t in range(5):
+            going, want = 1.0, []
+            for n in range(3):
+                want.append(h[b, t, n].item() * going)
+                going *= 1 - h[b, t, n].item()
+            want.append(going)
+            assert p[b, t].tolist() == pytest.approx(want, abs=1e-6)
+    assert torch.allclose(p.sum(-1), torch.ones(2, 5))
+    model = Indra(IndraConfig(**{**COGNATE, 'ltm': False})).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        got = model.hidden_states(x)
+        s, states = model.wte(x), []
+        for _ in range(3):
+            for block in model.blocks:
+                s = block(s, None)[0]
+            states.append(s)
+        hs = [torch.sigmoid(model.halt(torch.nn.functional.rms_norm(s, (32,)))).squeeze(-1) for s in states[:2]]
+        p = act_weights(torch.stack(hs, -1))
+        want = model.norm_f(sum(p[..., n, None] * s for n, s in enumerate(states)))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_act_figures_and_the_diversity_term_count_real_tokens_only():
+    """Expected passes sum_n n p_n and the halting variance over counted tokens only: changing a pad's halting
+    probability changes nothing; the loss is ponder x passes + diversity x max(0, target - var), seed 001's."""
+    torch.manual_seed(0)
+    h = torch.rand(2, 6, 2)
+    counted = torch.ones(2, 6)
+    counted[1, :3] = 0  # left padding
+    passes, var = act_stats(h, act_weights(h), counted)
+    real = h[counted.bool()]  # (9, 2)
+    p = act_weights(real[None])[0]
+    assert passes.item() == pytest.approx((p * torch.tensor([1., 2., 3.])).sum(-1).mean().item(), abs=1e-6)
+    assert var.item() == pytest.approx(real.var(0, unbiased=False).mean().item(), abs=1e-6)
+    h2 = h.clone()
+    h2[1, :3] = 0.99
+    assert torch.equal(torch.stack(act_stats(h2, act_weights(h2), counted)), torch.stack([passes, var]))
+    model = Indra(IndraConfig(**COGNATE, act_ponder_weight=0.5, act_diversity_weight=2.0, act_target_variance=0.2))
+    x, am = torch.randint(0, 97, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    am[0, :4] = 0
+    model(x, am)
+    counted = counted_tokens(x, am)
+    loss, figures = model.cognate_terms(counted)
+    passes, var = act_stats(model.cognate['halt'], model.cognate['p'], counted)
+    assert loss.item() == pytest.approx(0.5 * passes.item() + 2.0 * max(0.0, 0.2 - var.item()), abs=1e-6)
+    assert set(figures) == {'passes', 'halt_var', 'gate'} and 1.0 <= figures['passes'] <= 3.0
+    assert figures['passes'].item() > 2.5  # the halting bias starts at -3: mostly the last pass
+
+
+def test_recursions_1_is_the_plain_student():
+    """The same parameters, drawn in the same order (the RNG ends in the same state), and the same logits as the
+    plain student written out as it was before Cognate: embedding, blocks of attention and MLP, final norm, head."""
+    torch.manual_seed(0)
+    model = Indra(IndraConfig(**TINY, recursions=1, act_ponder_weight=0.3, ltm_dim=16)).eval()
+    after = torch.rand(4)
+    names = {'wte.weight', 'norm_f.weight'} | {f'blocks.{i}.{p}.weight' for i in range(2)
+                                                for p in ('norm1', 'attn.qkv', 'attn.proj', 'norm2', 'mlp.fc', 'mlp.proj')}
+    assert set(dict(model.named_parameters())) == names
+    torch.manual_seed(0)
+    plain = Indra(IndraConfig(**TINY))
+    assert torch.equal(after, torch.rand(4))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    x, am = torch.randint(0, 97, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    am[1, :3] = 0
+    with torch.no_grad():
+        s = model.wte(x)
+        from attention import additive_mask
+        mask = additive_mask(am, 16, x.device)
+        for b in model.blocks:
+            s = s + b.attn(b.norm1(s), mask)
+            s = s + b.mlp(b.norm2(s))
+        want = model.lm_head(model.norm_f(s))
+        assert torch.equal(model(x, am)[0], want)
+    assert model.cognate == {}
+
+
+def loop_memory(c, real, decay, m0):
+    m, out = m0.expand(c.size(0), -1).clone(), []
+    for t in range(c.size(1)):
+        step = decay * m + (1 - decay) * c[:, t]
+        m = torch.where(real[:, t, None].bool(), step, m)  # a pad leaves the memory as it was
+        out.append(m)
+    return torch.stack(out, 1)
+
+
+def test_the_memory_in_parallel_is_the_loop_over_300_tokens():
+    """decaying_memory against the loop m_t = decay m_(t-1) + (1 - decay) c_t, pads skipped, over 300 tokens (past
+    the block size, where a cumulative sum scaled by decay^-t would lose fp32's range), at two decays."""
+    torch.manual_seed(0)
+    c, m0 = torch.randn(3, 300, 4), torch.randn(4)
+    real = torch.ones(3, 300)
+    real[1, :40] = 0  # left padding
+    real[2, 250:] = 0  # right padding
+    for decay in (0.5, 0.99):
+        got = decaying_memory(c, real, decay, m0)
+        assert torch.allclose(got, loop_memory(c, real, decay, m0), atol=1e-5)
+        assert torch.isfinite(got).all()
+    assert torch.allclose(decaying_memory(c, None, 0.9, m0), loop_memory(c, torch.ones(3, 300), 0.9, m0), atol=1e-5)
+
+
+def test_a_sequence_s_output_does_not_depend_on_its_batch():
+    """Seed 001's memory depended on the batch. Here a row alone, the same row among other rows, the same row
+    left-padded (as eval.py and sample.py pad prompts) and a second evaluation all give the same logits on its
+    real tokens, within fp32 rounding (atol 1e-5: batched matmuls may sum in another order)."""
+    torch.manual_seed(0)
+    model = Indra(IndraConfig(**COGNATE)).eval()
+    row = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        alone = model(row)[0]
+        others = torch.randint(0, 97, (3, 20))
+        batch = model(torch.cat([others[:1], row, others[1:]]))[0]
+        assert torch.allclose(batch[1:2], alone, atol=1e-5)
+        padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), row], 1)
+        am = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], 1)
+        left = model(torch.cat([padded, torch.randint(0, 97, (1, 27))]), torch.cat([am, torch.ones_like(am)]))[0]
+        assert torch.allclose(left[:1, 7:], alone, atol=1e-5)
+        assert torch.equal(model(row)[0], alone)  # nothing carried from one forward to the next
+
+
+def test_generation_with_the_cache_is_generation_without():
+    """The key/value cache holds every pass's keys and values and each block's memory state: greedy tokens are
+    those of the uncached forward, left-padded prompts too."""
+    torch.manual_seed(0)
+    model = Indra(IndraConfig(**COGNATE)).eval()
+    x, am = torch.randint(0, 97, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    am[1, :4] = 0
+    cached = model.generate(x, 6, temperature=0, attention_mask=am)
+    assert torch.equal(cached, model.generate(x, 6, temperature=0, attention_mask=am, use_cache=False))
