@@ -148,3 +148,119 @@ def test_generation_with_the_cache_is_generation_without():
     am[1, :4] = 0
     cached = model.generate(x, 6, temperature=0, attention_mask=am)
     assert torch.equal(cached, model.generate(x, 6, temperature=0, attention_mask=am, use_cache=False))
+
+
+def test_mugrokfast_groups_and_the_grokfast_filter():
+    """The blocks' 2-D weights go to Muon, everything else (embedding, norms, the halting head, the memory's m0 and
+    gate bias) to AdamW, each parameter once; Muon's LR follows the schedule at muon_lr / lr; the gradient Muon and
+    AdamW see is g + lambda EMA(g), EMA = alpha EMA + (1 - alpha) g from the first g."""
+    from optim import make_optimizer, param_groups
+    model = Indra(IndraConfig(**COGNATE))
+    named = list(model.named_parameters())
+    groups = param_groups(named, 0.1, {}, muon=True)
+    opt = make_optimizer('mugrokfast', groups, 1e-3, (0.9, 0.95), 'cpu', muon_lr=1e-2, grokfast=(0.9, 0.5))
+    ids = [id(p) for g in opt.param_groups for p in g['params']]
+    assert sorted(ids) == sorted(id(p) for _, p in named) and len(set(ids)) == len(ids)
+    to_muon = {id(p) for g in opt.muon.param_groups for p in g['params']}
+    assert {n for n, p in named if id(p) in to_muon} == {n for n, p in named if n.startswith('blocks.') and p.dim() == 2}
+    assert {'wte.weight', 'halt.weight', 'blocks.0.memory.m0', 'blocks.0.memory.gate.bias'} <= \
+        {n for n, p in named if id(p) not in to_muon}
+    for g in opt.param_groups:
+        g['lr'] = 5e-4 * g['lr_mult']  # train.py's schedule at half the peak
+    assert [g['lr'] for g in opt.muon.param_groups] == pytest.approx([5e-3])
+    assert [g['lr'] for g in opt.adamw.param_groups] == pytest.approx([5e-4, 5e-4])
+    # the filter alone, on one toy parameter
+    p = torch.nn.Parameter(torch.zeros(3))
+    toy = make_optimizer('mugrokfast', [{'params': [torch.nn.Parameter(torch.zeros(2, 2))], 'muon': True, 'lr_mult': 1.0},
+                                        {'params': [p], 'muon': False, 'lr_mult': 1.0}], 1e-3, (0.9, 0.95), 'cpu',
+                         grokfast=(0.9, 0.5))
+    ema = None
+    for g in ([1., 2., 3.], [0., -1., 4.], [2., 2., 2.]):
+        g = torch.tensor(g)
+        ema = g.clone() if ema is None else 0.9 * ema + 0.1 * g
+        p.grad = g.clone()
+        toy.grokfast()
+        assert torch.allclose(p.grad, g + 0.5 * ema)
+
+
+def test_bad_cognate_settings_are_one_line_each():
+    from configurator import check_settings, script_settings
+    from test_train import ROOT
+    base = script_settings(ROOT / 'train.py')
+    for bad, message in ((dict(recursions=0), 'must be >= 1'), (dict(act=True), 'set --recursions=2 or more'),
+                         (dict(ltm=True, ltm_decay=1.0), 'must be in (0, 1)'),
+                         (dict(recursions=2, init_from='teacher'), 'starts from scratch'),
+                         (dict(recursions=2, feature_weight=1.0), 'a block runs several times'),
+                         (dict(optimizer='muon'), 'adamw or adamw8bit or mugrokfast'),
+                         (dict(optimizer='mugrokfast', grokfast_alpha=1.0), 'in [0, 1)')):
+        with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')):
+            check_settings({**base, **bad})
+
+
+CHEAP = dict(max_iters=6, eval_interval=3, lr_decay_iters=6, warmup_iters=2, dropout=0.1, gradient_accumulation_steps=2,
+             batch_size=2, block_size=32, watch_tokens=4, plot=False, optimizer='mugrokfast', recursions=2, act=True,
+             ltm=True, ltm_dim=8, muon_lr=5e-3, learning_rate=5e-4, min_lr=5e-5, grokfast_lambda=0.02)
+
+
+@pytest.mark.slow  # 75 s on 2 shared cores
+def test_resume_is_exact_with_mugrokfast_and_a_cognate_student(tiny_teacher, tiny_data, tmp_path):
+    """6 steps straight == 3, resume, 3 (train.py end to end): the same records, ACT's and the memory's figures
+    among them, and the same weights, Muon and AdamW states and Grokfast EMA. Then sample.py and eval.py read the
+    Cognate checkpoint, and export.py refuses it in one line."""
+    from test_recovery import equal, same_records
+    from test_train import records, run, tiny_args
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, straight, **CHEAP))
+    assert 'applied 2 times' in stdout and 'ACT' in stdout and 'memory gate' in stdout, stdout
+    run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **{**CHEAP, 'max_iters': 3}))
+    assert 'at step 3' in run('train.py', *tiny_args(tiny_teacher, tiny_data, split, **CHEAP), '--init_from=resume')
+    a, b = records(straight), records(split)
+    same_records(a, b, keys=('loss', 'ce', 'kl', 'passes', 'halt_var', 'gate', 'grad_norm', 'lr', 'val_ce',
+                             'val_passes', 'val_halt_var', 'val_gate'))
+    assert all(k in a[-1] for k in ('val_passes', 'val_halt_var', 'val_gate')) and 'passes' in a[1]
+    x, y = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, split))
+    assert x['model_args']['recursions'] == 2 and x['model_args']['ltm']
+    for k, v in x['model'].items():
+        assert torch.equal(v, y['model'][k]), k
+    assert equal(x['optimizer'], y['optimizer']) and x['optimizer']['grokfast']['ema'][0] is not None
+    assert 'ROMEO' in run('sample.py', f'--ckpt={straight / "best.pt"}', '--prompt=ROMEO', '--max_new_tokens=5',
+                          '--num_samples=1')
+    assert 'val' in run('eval.py', '--ckpt', straight / 'best.pt', '--dtype=float32', '--max_tokens=256')
+    from test_export import export_cli
+    r = export_cli('--ckpt', straight / 'best.pt', '--out', tmp_path / 'hf')
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and 'a Cognate student' in lines[0], r.stderr
+    assert not (tmp_path / 'hf').exists()
+
+
+def test_a_short_cognate_run_logs_its_figures_and_its_student_generates(tiny_teacher, tiny_data, tmp_path):
+    """Two MuGrokfast steps of a Cognate student through train.py: the step records carry the ponder and halting
+    figures and the memory gate, the evaluations print them; the checkpoint's student loads and generates (cached,
+    as uncached), and export refuses it in one line naming the settings that would make it exportable."""
+    import export
+    from checkpoint import load_student
+    from test_train import records, run, tiny_args
+    out = tmp_path / 'out'
+    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, out, **{**CHEAP, 'max_iters': 2, 'eval_interval': 2,
+                                                                         'gradient_accumulation_steps': 1}))
+    evals = [line for line in stdout.splitlines() if line.startswith('step ')]
+    assert len(evals) == 2 and all('passes per token, halting variance' in e and 'memory gate' in e for e in evals)
+    assert 'optimizer group (Muon)' in stdout
+    steps = [r for r in records(out) if 'loss' in r]
+    assert len(steps) == 2 and all(1.0 <= r['passes'] <= 2.0 and 0 <= r['halt_var'] and 0 < r['gate'] < 1
+                                   for r in steps)
+    model, ckpt = load_student(out / 'best.pt')
+    x = torch.randint(0, 100, (1, 5))
+    assert torch.equal(model.generate(x, 4, temperature=0), model.generate(x, 4, temperature=0, use_cache=False))
+    with pytest.raises(SystemExit, match=r'recursions, ACT and a long-term memory .*--recursions=1 --ltm=False\)$'):
+        export.check_exportable(model.config, out / 'best.pt')
+
+
+def test_a_resume_must_keep_the_cognate_shape():
+    """recursions, act, ltm, ltm_dim and ltm_decay are the student's shape: a resume that changes one is one line."""
+    from checkpoint import resume_shape
+    from dataclasses import asdict
+    ckpt = {'model_args': asdict(IndraConfig(**COGNATE))}
+    for k, v in (('recursions', 4), ('act', False), ('ltm', False), ('ltm_dim', 16), ('ltm_decay', 0.5)):
+        with pytest.raises(SystemExit, match=f'{k}='):
+            resume_shape(ckpt, {**COGNATE, k: v}, 'ckpt.pt')
