@@ -85,6 +85,8 @@ class MuGrokfast:
         self.params = [p for g in self.param_groups for p in g['params']]
         assert len(set(map(id, self.params))) == len(self.params)  # every parameter in exactly one group
         self.ema = [None] * len(self.params)  # Grokfast's EMA of each gradient
+        print(f"MuGrokfast: Muon on {sum(len(g['params']) for g in muon)} matrices at peak LR {muon_lr:g} (lr x"
+              f"{muon_lr / lr:g}), AdamW on the rest at {lr:g}; Grokfast g + {lamb:g} x EMA(g), alpha {alpha:g}")
 
     @property
     def param_groups(self):  # a property: load_state_dict gives the inner optimizers new group dicts
