@@ -45,7 +45,8 @@ def param_groups(named, weight_decay, lr_multipliers, muon=False):
         group['names'].append(name)
     assert sum(len(g['params']) for g in groups.values()) == len(named)  # every parameter in exactly one group
     for g in groups.values():
-        print(f"optimizer group{' (Muon)' * g.get('muon', False)}: lr x{g['lr_mult']:g}, weight decay {g['weight_decay']:g}: {len(g['params'])} tensors, "
+        print(f"optimizer group{' (Muon)' * g.get('muon', False)}: lr x{g['lr_mult']:g}, weight decay "
+              f"{g['weight_decay']:g}: {len(g['params'])} tensors, "
               f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters ({', '.join(g.pop('names')[:3])}, ...)")
     return list(groups.values())
 
