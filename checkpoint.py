@@ -30,7 +30,8 @@ import torch
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
 PROGRESS = ('iter_num', 'evaluated', 'best_val', 'bad_evals', 'skipped_total')
 SHAPE_KEYS = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'mlp', 'mlp_hidden',
-              'qkv_bias', 'tie_head', 'rope_base', 'norm_eps')  # what a resume must match
+              'qkv_bias', 'tie_head', 'rope_base', 'norm_eps', 'recursions', 'act', 'ltm', 'ltm_dim',
+              'ltm_decay')  # what a resume must match
 
 
 def fail(msg):

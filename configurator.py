@@ -107,7 +107,8 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
     if c.dtype == 'float16' and device_type == 'cpu':
         fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=auto, bfloat16 or float32")
     for name, options in (('init_from', ('scratch', 'resume', 'teacher')), ('mlp', ('gelu', 'swiglu')),
-                          ('teacher_targets', ('live', 'cache')), ('optimizer', ('adamw', 'adamw8bit')),
+                          ('teacher_targets', ('live', 'cache')),
+                          ('optimizer', ('adamw', 'adamw8bit', 'mugrokfast')),
                           ('feature_loss', ('mse', 'cosine'))):
         if config[name] not in options:
             fail(f"--{name}={config[name]!r}: choose {' or '.join(options)}")
@@ -185,8 +186,31 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
     if c.init_from == 'teacher' and own_vocab:
         fail("--init_from=teacher gives the student the teacher's embedding, hence its tokenizer; use "
              "--student_tokenizer='' with it, or --init_from=scratch")
+    check_cognate(c, fail)
     for switch, module in (('wandb_log', 'wandb'), ('aim_log', 'aim')):  # optional loggers: there, or one line
         if config[switch]:
             require(module, switch)
     return {'micro_steps': c.gradient_accumulation_steps // world_size, 'own_vocab': own_vocab,
             'schedule_iters': c.lr_decay_iters or c.max_iters, 'criterion': criterion}
+
+
+def check_cognate(c, fail):
+    """Seed 001's Cognate settings (cognate.py, optim.MuGrokfast): each bad value is one line naming the fix."""
+    if c.recursions < 1:
+        fail(f"--recursions={c.recursions} must be >= 1 (1: the plain student; e.g. 4 applies the blocks 4 times)")
+    if c.act and c.recursions < 2:
+        fail("--act=True mixes the passes of a recursive student: set --recursions=2 or more, or --act=False")
+    if min(c.act_ponder_weight, c.act_diversity_weight) < 0 or not 0.0 <= c.act_target_variance <= 0.25:
+        fail(f"--act_ponder_weight={c.act_ponder_weight} and --act_diversity_weight={c.act_diversity_weight} must be "
+             f">= 0, --act_target_variance={c.act_target_variance} in [0, 0.25] (a probability's variance is <= 0.25)")
+    if not 0.0 < c.ltm_decay < 1.0 or c.ltm_dim < 1:
+        fail(f"--ltm_decay={c.ltm_decay} must be in (0, 1) (0.9 remembers ~10 tokens) and --ltm_dim={c.ltm_dim} >= 1")
+    if c.init_from == 'teacher' and (c.recursions > 1 or c.ltm):
+        fail("--init_from=teacher builds a Llama-shaped student from the teacher's layers; a Cognate student "
+             "(--recursions > 1, --ltm) starts from scratch: use --init_from=scratch, or --recursions=1 --ltm=False")
+    if c.recursions > 1 and (c.feature_weight or c.attention_weight):
+        fail("feature and attention matching map each student block to one teacher layer, but with --recursions > 1 "
+             "a block runs several times: set --feature_weight=0 --attention_weight=0, or --recursions=1")
+    if c.muon_lr <= 0 or not 0.0 <= c.grokfast_alpha < 1.0 or c.grokfast_lambda < 0:
+        fail(f"--muon_lr={c.muon_lr} must be > 0, --grokfast_alpha={c.grokfast_alpha} in [0, 1) and "
+             f"--grokfast_lambda={c.grokfast_lambda} >= 0 (0: Muon + AdamW without the filter)")

@@ -14,7 +14,7 @@ evaluate() at every evaluation; everything that differs between kinds of run is 
 
     distill = Distill(model, teacher_model, criterion, autocast, matching=None, projector=None, onpolicy=None)
     loss, parts = distill.loss(batch, at=(step, micro_step))  # parts: 'ce', 'kl' (the divergence), 'feature',
-                                                              # 'attention', 'projector_ce', 'onpolicy'
+        # 'attention', 'projector_ce', 'onpolicy', a Cognate student's 'passes', 'halt_var', 'gate' (model.cognate_terms)
     stats = distill.evaluate(data, eval_iters=8, seed=1337)
 """
 import copy
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import vocab
-from losses import DistillationLoss, Teacher
+from losses import DistillationLoss, Teacher, counted_tokens
 from machine import all_sum
 from matching import teacher_internals
 from teacher import teacher_hidden
@@ -64,10 +64,13 @@ class Distill:
         # training runs through DDP, which averages the gradients over the ranks in backward; evaluation needs none
         self.train_hidden = DDP(self.hidden, broadcast_buffers=False) if ddp else self.hidden
         self.held_out = None  # (batches with the teacher's targets, the teacher's CE): made at the first evaluation
+        cfg = model.config  # a Cognate student's figures (seed 001): ACT's passes and halting variance, the memory gate
+        self.cognate = ['passes', 'halt_var'] * cfg.act + ['gate'] * cfg.ltm
         # the parts of the loss in the log ('kl' is the divergence kd_loss)
         self.logged = ['loss', 'ce', 'kl'] + ['projector_ce'] * bool(projector) \
             + ['feature'] * bool(matching and matching.feature_weight) \
-            + ['attention'] * bool(matching and matching.attention_weight) + ['onpolicy'] * bool(onpolicy)
+            + ['attention'] * bool(matching and matching.attention_weight) + ['onpolicy'] * bool(onpolicy) \
+            + self.cognate
 
     def _compile(self, batch):
         """torch.compile the student now, on a real batch, so that the first timed step is not the compilation;
@@ -135,6 +138,10 @@ class Distill:
             else:
                 h = self.train_hidden(x, am)
             loss, parts['ce'], parts['kl'] = criterion(h, self.model.lm_head.weight, x, am, b.loss_mask, teacher=t)
+            if self.cognate:  # ACT's ponder cost and diversity term, over the tokens the loss counts
+                extra, figures = self.model.cognate_terms(counted_tokens(x, am, b.loss_mask))
+                loss = loss + extra
+                parts.update(figures)
             if p_ce is not None:
                 loss = loss + p_ce  # the projector learns from its own CE, beside the student
             for k, part in (m.losses(mine, inside, am) if m else {}).items():  # feature, then attention matching
@@ -186,7 +193,7 @@ class Distill:
     def held_out_stats(self, data, eval_iters, seed):
         batches, t_ce = self.held_out_batches(data, eval_iters, seed)
         self.model.eval()
-        totals = torch.zeros(3)
+        totals = torch.zeros(3 + len(self.cognate))  # CE, KL, projector CE, the Cognate figures
         for b, t in batches:
             if self.projector is not None:
                 t, p_ce = self.through_projector(*t, b.x)
@@ -195,8 +202,11 @@ class Distill:
                 _, ce, kl = self.eval_kl(self.hidden(b.x, b.attention_mask), self.model.lm_head.weight, b.x,
                                          b.attention_mask, b.loss_mask, teacher=t)
             totals[:2] += torch.stack([ce.float().cpu(), kl.float().cpu()])
+            if self.cognate:
+                figures = self.model.cognate_terms(counted_tokens(b.x, b.attention_mask, b.loss_mask))[1]
+                totals[3:] += torch.stack([figures[k].float().cpu() for k in self.cognate])
         self.model.train()
-        ce, kl, p_ce = (all_sum(totals) / eval_iters).tolist()
+        ce, kl, p_ce, *cognate = (all_sum(totals) / eval_iters).tolist()
         t_ce = p_ce if self.projector is not None else t_ce
         return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce,
-                'teacher_val_ppl': math.exp(t_ce)}
+                'teacher_val_ppl': math.exp(t_ce), **{f'val_{k}': v for k, v in zip(self.cognate, cognate)}}

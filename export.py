@@ -57,6 +57,12 @@ HELD = {'vocab_size': 'vocab_size', 'block_size': 'max_position_embeddings', 'n_
 REFUSED = {'mlp': (lambda c: c.mlp != 'swiglu', "mlp={v!r}: Llama and Qwen2 have SwiGLU MLPs (train with --mlp=swiglu)"),
            'logit_clamp': (lambda c: c.logit_clamp > 0, ("logit_clamp={v:g}: neither bounds its logits by c * tanh(logits"
                                                           " / c) (train with --logit_clamp=0)"))}
+# Seed 001's Cognate student (cognate.py): its settings are refused together, in one message (check_exportable)
+COGNATE = ('recursions', 'act', 'act_ponder_weight', 'act_diversity_weight', 'act_target_variance', 'ltm', 'ltm_dim',
+           'ltm_decay')
+REFUSED.update(dict.fromkeys(COGNATE, (lambda c: c.recursions > 1 or c.ltm, (
+    "recursions, ACT and a long-term memory (a Cognate student, seed 001) have no place in either: sample and "
+    "evaluate it with sample.py and eval.py (to export, train with --recursions=1 --ltm=False)"))))
 
 
 def fail(msg):
@@ -65,7 +71,7 @@ def fail(msg):
 
 def check_exportable(cfg, where):
     """One line naming every setting of this student that no Llama or Qwen2 can hold, with the one that can."""
-    bad = [msg.format(v=getattr(cfg, k)) for k, (refused, msg) in REFUSED.items() if refused(cfg)]
+    bad = list(dict.fromkeys(msg.format(v=getattr(cfg, k)) for k, (refused, msg) in REFUSED.items() if refused(cfg)))
     if bad:
         fail(f"{where} holds a student that no standard architecture computes: {'; '.join(bad)}")
 

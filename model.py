@@ -11,6 +11,9 @@ itself (inherit.py) and be pruned from it (prune.py).
     model = Indra(IndraConfig(vocab_size=49152, n_layer=6, n_head=6, n_embd=384))
     print(model.param_report())
     logits, loss = model(idx, attention_mask=mask, targets=targets)
+
+Seed 001's Cognate student is this one with options (cognate.py): recursions > 1 applies the blocks several times,
+act mixes the passes by a halting head, ltm adds a gated long-term memory to every block. All off by default.
 """
 import math
 from contextlib import contextmanager
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import ComplexAttention, additive_mask, cached_mask
+from cognate import Memory, act_stats, act_weights
 
 
 SIZES = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'mlp_hidden')  # the rest of the shape is architecture
@@ -46,9 +50,21 @@ class IndraConfig:
     rope_base: float = 10000.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
     logit_clamp: float = 0.0  # > 0: logits pass through c * tanh(logits / c), bounded in (-c, c) (seed 002 used 30)
+    # Cognate (seed 001, cognate.py)
+    recursions: int = 1  # the blocks applied this many times with shared weights (TRM); 1 = the plain student
+    act: bool = False  # a halting head after each pass mixes the passes (ACT); needs recursions > 1
+    act_ponder_weight: float = 0.01  # + this x the mean expected passes per counted token (Graves' ponder cost)
+    act_diversity_weight: float = 0.01  # + this x max(0, act_target_variance - halting variance) (seed 001)
+    act_target_variance: float = 0.1  # seed 001's target; it counts a variance above 0.05 as success
+    ltm: bool = False  # a gated long-term memory in every block (Titans, MAG)
+    ltm_dim: int = 64  # the memory's width
+    ltm_decay: float = 0.9  # m_t = decay m_(t-1) + (1 - decay) c_t; 0.9 remembers ~10 tokens, 0.99 ~100
 
     def __post_init__(self):
         assert self.mlp in ('gelu', 'swiglu'), f"mlp={self.mlp!r}: choose 'gelu' or 'swiglu'"
+        assert self.recursions >= 1 and (self.recursions > 1 or not self.act), \
+            f"recursions={self.recursions}, act={self.act}: recursions must be >= 1, and > 1 for ACT to mix passes"
+        assert 0.0 < self.ltm_decay < 1.0, f"ltm_decay={self.ltm_decay} must be in (0, 1)"
         self.n_kv_head = self.n_kv_head or self.n_head  # the sizes of 0 become what they mean
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if not self.mlp_hidden:
@@ -89,15 +105,20 @@ class Block(nn.Module):
                                      cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias)
         self.norm2 = nn.RMSNorm(cfg.n_embd, eps=eps)
         self.mlp = MLP(cfg)
+        self.memory = Memory(cfg.n_embd, cfg.ltm_dim, cfg.ltm_decay, eps) if cfg.ltm else None
 
-    def forward(self, x, mask, need_weights=False, cache=None):
-        """(x, attention probabilities (B, nh, T, T) or None): one return type, so checkpoint() can wrap either."""
+    def forward(self, x, mask, need_weights=False, cache=None, real=None):
+        """(x, attention probabilities (B, nh, T, T) or None): one return type, so checkpoint() can wrap either.
+        real: (B, T) 1 real / 0 pad, for the memory (a pad leaves it unchanged), or None."""
         if need_weights:
             a, att = self.attn(self.norm1(x), mask, need_weights=True)
         else:
             a, att = self.attn(self.norm1(x), mask, cache=cache), None
         x = x + a
-        return x + self.mlp(self.norm2(x)), att
+        x = x + self.mlp(self.norm2(x))
+        if self.memory is not None:
+            x = x + self.memory(x, real, cache)
+        return x, att
 
 
 class Indra(nn.Module):
@@ -112,10 +133,14 @@ class Indra(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_head:
             self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
+        self.halt = nn.Linear(cfg.n_embd, 1) if cfg.act else None  # ACT's halting head, one logit per token and pass
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth (passes x blocks)
             if name.endswith('proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer * cfg.recursions))
+        if self.halt is not None:  # h = sigmoid(-3) = 0.05 per pass: at first the output is mostly the last pass
+            nn.init.constant_(self.halt.bias, -3.0)
+        self.cognate = {}  # the last forward's halting probabilities, ACT weights and memory gates (cognate_terms)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -145,19 +170,50 @@ class Indra(nn.Module):
         else:
             mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
         extras = {'hidden': {}, 'attention': {}}
+        real = None if attention_mask is None else attention_mask[:, -T:]  # the memory's: pads leave it unchanged
         x = self.drop(self.wte(idx))  # (B, T, C)
-        for i, block in enumerate(self.blocks, start=1):
-            need = i in attention_layers
-            if self.config.gradient_checkpointing and self.training:
-                x, att = checkpoint(block, x, mask, need, use_reentrant=False)
-            else:
-                x, att = block(x, mask, need, None if cache is None else cache[i - 1])
-            if need:
-                extras['attention'][i] = att
-            if i in layers:
-                extras['hidden'][i] = x
+        passes, states, halts, gates = self.config.recursions, [], [], []
+        for r in range(passes):  # the same blocks every pass (TRM); matching reads the last pass
+            for i, block in enumerate(self.blocks, start=1):
+                need = i in attention_layers and r == passes - 1
+                if self.config.gradient_checkpointing and self.training:
+                    x, att = checkpoint(block, x, mask, need, None, real, use_reentrant=False)
+                else:
+                    x, att = block(x, mask, need, None if cache is None else cache[r * n + i - 1], real)
+                if need:
+                    extras['attention'][i] = att
+                if i in layers and r == passes - 1:
+                    extras['hidden'][i] = x
+                if block.memory is not None:
+                    gates.append(block.memory.gate_mean)
+            if self.halt is not None:
+                states.append(x)
+                if r < passes - 1:  # the last pass takes the remainder: no halting probability of its own
+                    halts.append(torch.sigmoid(self.halt(F.rms_norm(x, (x.size(-1),)))).squeeze(-1).float())
+        self.cognate = {'gate': torch.stack(gates).mean(0)} if gates else {}
+        if self.halt is not None:  # ACT: each token's output is its passes weighted by where it halts
+            h = torch.stack(halts, dim=-1)  # (B, T, N-1)
+            p = act_weights(h)  # (B, T, N)
+            x = sum(p[..., k, None].to(s.dtype) * s for k, s in enumerate(states))
+            self.cognate.update(halt=h, p=p)
         h = self.norm_f(x)
         return (h, extras) if layers or attention_layers else h
+
+    def cognate_terms(self, counted):
+        """(the auxiliary loss of the last forward, its figures for the log) over the tokens counted (B, T) weighs
+        (the loss's own, losses.counted_tokens: padding never counts). ACT: act_ponder_weight x the mean expected
+        passes + act_diversity_weight x max(0, act_target_variance - the halting variance) (seed 001); the memory:
+        the mean gate, over blocks and passes."""
+        c, got = self.config, self.cognate
+        loss, figures = torch.zeros((), device=counted.device), {}
+        w = counted.float()
+        if 'gate' in got:
+            figures['gate'] = ((got['gate'] * w).sum() / w.sum().clamp(min=1.0)).detach()
+        if 'halt' in got:
+            passes, var = act_stats(got['halt'], got['p'], w)
+            loss = c.act_ponder_weight * passes + c.act_diversity_weight * (c.act_target_variance - var).clamp(min=0)
+            figures.update(passes=passes.detach(), halt_var=var.detach())
+        return loss, figures
 
     def forward(self, idx, attention_mask=None, targets=None):
         """idx: (B, T) token ids; attention_mask: (B, T) 1 real / 0 pad, or None.
@@ -184,11 +240,13 @@ class Indra(nn.Module):
     def param_report(self):
         """Parameter count with the embedding's share (seed 001 watched it: 79% in embeddings starves the blocks)."""
         total, emb = self.num_params(), self.wte.weight.numel()
-        per_block = sum(p.numel() for p in self.blocks[0].parameters())
-        head = '' if self.config.tie_head else f" + head {self.lm_head.weight.numel() / 1e6:.2f}M"
-        return (f"student: {total / 1e6:.2f}M parameters = embedding{' (tied with head)' * self.config.tie_head} "
-                f"{emb / 1e6:.2f}M ({100 * emb / total:.1f}%){head} + {self.config.n_layer} blocks x "
-                f"{per_block / 1e6:.2f}M + final norm {self.norm_f.weight.numel()}")
+        c, per_block = self.config, sum(p.numel() for p in self.blocks[0].parameters())
+        head = '' if c.tie_head else f" + head {self.lm_head.weight.numel() / 1e6:.2f}M"
+        cognate = (f" (with a memory of {c.ltm_dim})" * c.ltm + f", applied {c.recursions} times" * (c.recursions > 1)
+                   + f" + halting head {c.n_embd + 1}" * c.act)
+        return (f"student: {total / 1e6:.2f}M parameters = embedding{' (tied with head)' * c.tie_head} "
+                f"{emb / 1e6:.2f}M ({100 * emb / total:.1f}%){head} + {c.n_layer} blocks x "
+                f"{per_block / 1e6:.2f}M{cognate} + final norm {self.norm_f.weight.numel()}")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, attention_mask=None,
@@ -196,12 +254,14 @@ class Indra(nn.Module):
         """Sample up to max_new_tokens after idx (B, T). A row that emits eos_id keeps emitting it;
         generation stops once every row has. temperature 0 means greedy.
         attention_mask (B, T) marks real prompt tokens (prompts left-padded to one length).
-        use_cache: keep every block's keys and values, so each new token costs one token's forward, not the whole
-        sequence's (tests/test_model.py: the same tokens as without). Past block_size the window slides and every
-        position moves, so from there on it runs uncached, on the last block_size tokens.
+        use_cache: keep every block's keys and values (per pass, with a Cognate memory's state), so each new token
+        costs one token's forward, not the whole sequence's (tests/test_model.py, tests/test_cognate.py: the same
+        tokens as without). Past block_size the window slides and every position moves, so from there on it runs
+        uncached, on the last block_size tokens.
         generator: a torch.Generator to sample from (on idx's device); None: torch's global one."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache, cached = ([{} for _ in self.blocks] if use_cache else None), 0  # tokens of idx in the cache
+        slots = len(self.blocks) * self.config.recursions  # one per block and pass: keys, values, memory state
+        cache, cached = ([{} for _ in range(slots)] if use_cache else None), 0  # tokens of idx in the cache
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) > self.config.block_size:
                 cache = None

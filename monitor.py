@@ -33,7 +33,8 @@ def student_flops_per_token(model, block_size):
     matrix of its own: a lookup is no matmul) + 12 L T (n_head head_dim) for the attention scores and output."""
     cfg, attn = model.config, model.blocks[0].attn
     n = model.num_params() - (0 if cfg.tie_head else model.wte.weight.numel())
-    return 6 * n + 12 * cfg.n_layer * block_size * attn.n_head * attn.head_dim
+    n += (cfg.recursions - 1) * sum(p.numel() for p in model.blocks.parameters())  # Cognate: every pass, the blocks
+    return 6 * n + 12 * cfg.n_layer * cfg.recursions * block_size * attn.n_head * attn.head_dim
 
 
 def teacher_flops_per_token(teacher, block_size):
@@ -100,6 +101,10 @@ def eval_line(stats, own_vocab):
             f"{stats['teacher_val_ce']:.4f} (ppl {stats['teacher_val_ppl']:.1f})")
     if 'ema_val_ce' in stats:
         line += f"; EMA val CE {stats['ema_val_ce']:.4f}, KL {stats['ema_val_kl']:.4f}"
+    if 'val_passes' in stats:  # seed 001 counted a halting variance above 0.05 as ACT working
+        line += f"; ACT {stats['val_passes']:.2f} passes per token, halting variance {stats['val_halt_var']:.4f}"
+    if 'val_gate' in stats:
+        line += f"; memory gate {stats['val_gate']:.3f}"
     return line
 
 

@@ -97,6 +97,18 @@ prune_batches = 8  # training batches on which pruning measures what to keep (pr
 dropout = 0.0
 attn_impl = 'sdpa'  # 'sdpa' (fused) | 'reference' (complex64 matmuls, seed 000)
 gradient_checkpointing = False  # recompute activations in backward: less memory, slower
+# Cognate (seed 001): a recursive student with adaptive computation, a long-term memory, MuGrokfast (docs/cognate.md)
+recursions = 1  # the blocks applied this many times with shared weights (TRM); 1 = the plain student
+act = False  # a halting head mixes each token's passes (Adaptive Computation Time); needs recursions > 1
+act_ponder_weight = 0.01  # + this x the mean expected passes per token (ACT's ponder cost)
+act_diversity_weight = 0.01  # + this x max(0, act_target_variance - the halting probabilities' variance) (seed 001)
+act_target_variance = 0.1  # seed 001's target; it counted a variance above 0.05 as ACT working
+ltm = False  # a gated long-term memory in every block (Titans, memory as a gate)
+ltm_dim = 64  # the memory's width
+ltm_decay = 0.9  # m_t = decay x m_(t-1) + (1 - decay) x the token's compressed view, in (0, 1)
+muon_lr = 0.02  # optimizer='mugrokfast': Muon's peak LR on the blocks' matrices (Keller Jordan's); scheduled alike
+grokfast_alpha = 0.98  # mugrokfast: the decay of Grokfast's gradient EMA (the paper's)
+grokfast_lambda = 2.0  # mugrokfast: each gradient g becomes g + lambda x EMA(g) (the paper's; seed 001 used 0.02)
 # distillation
 kd_weight = 0.5  # share of the KD term; 0 = plain cross-entropy on the same tokens
 kd_warmup_frac = 0.0  # > 0: kd_weight ramps linearly from kd_weight_start over this share of training (seed 004: 20%)
@@ -121,7 +133,7 @@ layer_map = []  # [[student block, teacher layer], ...]; [] = evenly spaced, the
 # a student with its own tokenizer (seed 002)
 student_tokenizer = ''  # '' = the teacher's | 'bpe8192': a byte-level BPE of 8,192 tokens trained by data prep
 # optimizer
-optimizer = 'adamw'  # 'adamw' (torch) | 'adamw8bit' (bitsandbytes, CPU and CUDA)
+optimizer = 'adamw'  # 'adamw' (torch) | 'adamw8bit' (bitsandbytes, CPU and CUDA) | 'mugrokfast' (Muon + Grokfast)
 learning_rate = 1e-3  # peak learning rate
 max_iters = 200  # optimizer steps
 weight_decay = 0.1  # on matrices and embeddings only
@@ -230,8 +242,10 @@ if own_vocab:
     aux['projector'] = vocab.Projector(teacher_model.config.hidden_size, model.config.n_embd)
 aux.to(device)
 # the tied head is the embedding: listed once, as wte.weight; then features.*, projector.*
-groups = param_groups(list(model.named_parameters()) + list(aux.named_parameters()), weight_decay, lr_multipliers)
-opt = make_optimizer(optimizer, groups, learning_rate, (beta1, beta2), device_type)
+groups = param_groups(list(model.named_parameters()) + list(aux.named_parameters()), weight_decay, lr_multipliers,
+                      muon=optimizer == 'mugrokfast')  # MuGrokfast: the blocks' matrices in groups of their own
+opt = make_optimizer(optimizer, groups, learning_rate, (beta1, beta2), device_type, muon_lr,
+                     (grokfast_alpha, grokfast_lambda))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling needed
 data_gen = torch.Generator().manual_seed(seed)  # the training batch order, saved for exact resume
 ema = EMA(model, ema_decay) if ema_decay else None
