@@ -17,10 +17,12 @@ On CUDA, 'auto' is bf16 where the GPU has it, else float16 (train.py then scales
 import ctypes
 import math
 import os
+import random
 import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
@@ -54,6 +56,13 @@ def start_ranks(device):
     if rank:
         sys.stdout = open(os.devnull, 'w')
     return device, rank, world_size
+
+
+def seed_all(seed):
+    """Seed every generator a run draws from outside its own: torch's (init, dropout), Python's and NumPy's."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def all_sum(t):

@@ -208,6 +208,20 @@ class Matching:
         self.student_att, self.teacher_att = (blocks, layers) if attention_weight else ((), ())
         self.features = FeatureMatcher(self.pairs, n_embd, tc.hidden_size, kind) if feature_weight else None
 
+    @classmethod
+    def for_run(cls, student_config, teacher_config, pairs, feature_weight, attention_weight, kind='mse'):
+        """train.py's matching: None when both weights are 0; a map that cannot work is one line naming the fix;
+        what is matched is printed."""
+        if not (feature_weight or attention_weight):
+            return None
+        try:
+            m = cls(student_config.n_layer, student_config.n_head, student_config.n_embd, teacher_config, pairs,
+                    feature_weight, attention_weight, kind)
+        except ValueError as e:
+            raise SystemExit(f"indra: {e}")
+        print(m.describe())
+        return m
+
     def describe(self):
         return (f"matching student blocks to teacher layers {self.pairs}: " + ', '.join(
             f"{name} x{w:g}" for name, w in (('features', self.feature_weight), ('attention', self.attention_weight))

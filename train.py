@@ -21,13 +21,11 @@ out_dir/ckpt.pt is the latest state, best.pt the best val CE. Ctrl-C (SIGINT) or
 current step, writes ckpt.pt and says how to resume.
 """
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,7 +36,7 @@ from data import Data, prepare_on_first_use
 from distill import Distill
 from inherit import build_student
 from machine import Peak, all_sum, autocast as autocast_for, choose_dtype, keep_freed_memory, memory, memory_text, \
-    peak_flops, pick_device, start_ranks
+    peak_flops, pick_device, seed_all, start_ranks
 from matching import Matching
 from model import EMA
 from monitor import (WATCH_PROMPTS, Records, eval_line, step_line, student_flops_per_token, teacher_flops_per_token,
@@ -177,9 +175,7 @@ micro_steps, schedule_iters, own_vocab, criterion = (derived[k] for k in ('micro
                                                                           'own_vocab', 'criterion'))
 out_path = Path(out_dir)
 resumed = open_run(out_path, init_from, overwrite)  # the checkpoint to resume, or None
-torch.manual_seed(seed)
-random.seed(seed)
-np.random.seed(seed)
+seed_all(seed)
 # The dtype is chosen once per run: rank 0 measures (a probe on the student's shapes; on CUDA, bf16 support),
 # every rank takes its choice, and the checkpoint keeps it, so a resumed run computes exactly as before.
 choice = [None, None]
@@ -228,16 +224,11 @@ model.to(device)
 print(model.param_report())
 # Trained beside the student, thrown away after: projections to the teacher's width for feature matching, the
 # projector that gives a student with its own tokenizer the teacher's predictions in its vocabulary.
-aux, matching = torch.nn.ModuleDict(), None
-if feature_weight or attention_weight:
-    try:
-        matching = Matching(model.config.n_layer, model.config.n_head, model.config.n_embd, teacher_model.config,
-                            layer_map, feature_weight, attention_weight, feature_loss)
-    except ValueError as e:
-        fail(str(e))
-    print(matching.describe())
-    if matching.features is not None:
-        aux['features'] = matching.features
+aux = torch.nn.ModuleDict()
+matching = Matching.for_run(model.config, teacher_model.config, layer_map, feature_weight, attention_weight,
+                            feature_loss)  # None when nothing is matched
+if matching and matching.features is not None:
+    aux['features'] = matching.features
 if own_vocab:
     aux['projector'] = vocab.Projector(teacher_model.config.hidden_size, model.config.n_embd)
 aux.to(device)

@@ -27,7 +27,7 @@ prune_batches = 8
 learning_rate = 1e-3  # inherited weights: half the from-scratch rate, as config/shakespeare_pruned.py
 min_lr = 1e-4
 max_iters = 200
-eval_interval = 100
+eval_interval = 50
 
 kd_loss = 'jsd'
 jsd_beta = 0.5

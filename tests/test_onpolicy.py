@@ -16,6 +16,7 @@ from losses import DistillationLoss, counted_tokens
 from model import Indra, IndraConfig
 from onpolicy import OnPolicy, answer_batch, draws, prompts_and_answers
 from test_recovery import equal, same_records
+from test_scale import same_records as close_records, torchrun
 from test_train import records, run, tiny_args
 
 
@@ -128,3 +129,17 @@ def test_resume_is_exact_with_onpolicy_batches(tiny_teacher, tiny_examples, tmp_
     a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, split))
     assert all(torch.equal(v, b['model'][k]) for k, v in a['model'].items())
     assert equal(a['optimizer'], b['optimizer'])
+
+
+@pytest.mark.slow
+def test_two_ranks_sample_the_answers_of_one_process(tiny_teacher, tiny_examples, tmp_path):
+    """Under torchrun each rank samples the global micro-steps it computes, seeded by (seed, step, micro-step):
+    two ranks record the losses, the sampled shares and the evaluations of one process (gloo sums in another
+    order: within 1e-5)."""
+    kw = dict(max_iters=4, lr_decay_iters=4, eval_interval=2, eval_iters=2, gradient_accumulation_steps=4,
+              onpolicy_frac=0.5, kd_loss='jsd', watch_tokens=0, plot=False, block_size=64)
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    run('train.py', *tiny_args(tiny_teacher, tiny_examples, one, **kw))
+    torchrun(2, 'train.py', *tiny_args(tiny_teacher, tiny_examples, two, **kw))
+    close_records(records(one), records(two), keys=('loss', 'ce', 'kl', 'grad_norm', 'onpolicy', 'val_ce'))
+    assert 0 < sum(r['onpolicy'] for r in records(one) if 'onpolicy' in r) < 4
