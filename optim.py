@@ -62,7 +62,6 @@ def make_optimizer(kind, groups, lr, betas, device_type, muon_lr=0.02, grokfast=
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == 'cuda')
 
 
-
 class MuGrokfast:
     """Seed 001's optimizer as one: torch.optim.Muon on the groups marked 'muon' (the 2-D weights inside the blocks:
     momentum, then the update orthogonalized by Newton-Schulz; Keller Jordan's Muon, with its own LR adjustment,
