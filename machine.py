@@ -221,13 +221,19 @@ def memory_text(m):
     return f"rss {m['rss_gib']:.2f} GiB"
 
 
-def keep_freed_memory():
+def keep_freed_memory(shapes_vary=False):
     """CPU training: keep freed memory in the process for the next step instead of giving it back to the OS.
     glibc maps every tensor over 32 MB (logits chunks, the embedding's gradient) on fresh pages and unmaps them when
     the tensor is freed, so each step page-faults them in again: ~240,000 faults and ~0.4 s of kernel time per
     quickstart step on a 2-core machine. With mmap off and no trimming, large tensors come from the heap and
     reuse what the last step freed (0 faults); the resident size then stays at its high-water mark, as a GPU's
-    caching allocator does. Returns one line saying what was done."""
+    caching allocator does. That holds while every step makes the same tensors: shapes_vary (batches of examples
+    padded to their longest, on-policy answers) leaves glibc as it is, since a heap that is never trimmed then
+    fragments (config/agent_cpu_onpolicy.py: 4.0 GiB resident at step 0, 18.9 GiB by step 100). Returns one
+    line saying what was done."""
+    if shapes_vary:
+        return ("cpu memory: glibc's own (batches vary in shape: a heap kept whole would fragment and grow), so "
+                "large freed tensors go back to the OS and are page-faulted in again")
     try:
         libc = ctypes.CDLL('libc.so.6')
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h

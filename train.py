@@ -191,8 +191,6 @@ ptdtype, autocast = getattr(torch, dtype), autocast_for(device, dtype)
 print(f"tokens per optimizer step: {gradient_accumulation_steps * batch_size * block_size:,} = "
       f"{gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens; device {device}, "
       f"{dtype}" + (f"; {world_size} ranks ({dist.get_backend()}), {micro_steps} micro-steps each" if ddp else ""))
-if device_type == 'cpu':
-    print(keep_freed_memory())
 
 # ---- the teacher and the data -----------------------------------------------
 if not master:
@@ -211,6 +209,8 @@ if ddp and master:
     dist.barrier()
 data = Data(data_path, tokenizer, tokenizer_enc, batch_size, block_size, device, dtype, own_vocab,
             teacher_targets == 'cache', curriculum, schedule_iters, teacher, dataset)
+if device_type == 'cpu':
+    print(keep_freed_memory(shapes_vary=data.examples))
 if teacher_targets == 'cache':  # the teacher's targets, computed once for aligned blocks of train.bin
     data.open_cache(build_targets(teacher, data_path, targets_top_k, temperature, block_size, device=device,
                                   dtype=ptdtype, loaded=(teacher_model, tokenizer)))
