@@ -38,7 +38,7 @@ from attention import ComplexAttention
 from configurator import config_file
 from distill import Distill
 from losses import DistillationLoss, Teacher
-from machine import DTYPES, TORCH_DTYPE, Peak, autocast, choose_dtype, keep_freed_memory, peak_flops, pick_device, probe
+from machine import DTYPES, TORCH_DTYPE, Peak, autocast, choose_dtype, FreedMemory, peak_flops, pick_device, probe
 from model import Indra, IndraConfig
 from monitor import student_flops_per_token, teacher_flops_per_token
 from onpolicy import OnPolicy, answer_batch
@@ -196,7 +196,7 @@ for V, C, Ct in ((49152, 384, 576), (151936, 768, 896)):
 
 # ---- a training step: live teacher vs cached targets vs CE only (the quickstart config) ----
 if not cuda:  # as train.py does; only now, as the peak-memory rows above read the resident size as tensors come and go
-    print(keep_freed_memory())
+    print(FreedMemory().line)
 from teacher import build_targets, load_teacher, teacher_hidden  # noqa: E402  (slow imports, only here)
 
 quick = config_file(ROOT / 'config' / 'shakespeare.py')  # the quickstart's settings

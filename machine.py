@@ -221,25 +221,38 @@ def memory_text(m):
     return f"rss {m['rss_gib']:.2f} GiB"
 
 
-def keep_freed_memory(shapes_vary=False):
+class FreedMemory:
     """CPU training: keep freed memory in the process for the next step instead of giving it back to the OS.
     glibc maps every tensor over 32 MB (logits chunks, the embedding's gradient) on fresh pages and unmaps them when
     the tensor is freed, so each step page-faults them in again: ~240,000 faults and ~0.4 s of kernel time per
     quickstart step on a 2-core machine. With mmap off and no trimming, large tensors come from the heap and
     reuse what the last step freed (0 faults); the resident size then stays at its high-water mark, as a GPU's
-    caching allocator does. That holds while every step makes the same tensors: shapes_vary (batches of examples
-    padded to their longest, on-policy answers) leaves glibc as it is, since a heap that is never trimmed then
-    fragments (config/agent_cpu_onpolicy.py: 4.0 GiB resident at step 0, 18.9 GiB by step 100). Returns one
-    line saying what was done."""
-    if shapes_vary:
-        return ("cpu memory: glibc's own (batches vary in shape: a heap kept whole would fragment and grow), so "
-                "large freed tensors go back to the OS and are page-faulted in again")
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
-        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1):
-            return "cpu memory: freed tensors stay in the process for reuse (glibc mallopt: no mmap, no trim)"
-    except (OSError, AttributeError):
-        pass
-    return ("cpu memory: no glibc mallopt here (or it refused), so freed tensors go back to the OS and are "
-            "page-faulted in again each step")
+    caching allocator does. That holds while every step makes the same tensors. When their shapes change from
+    step to step (batches of examples padded to their longest, on-policy answers) the heap fragments and grows:
+    config/agent_cpu_pruned.py went from 4.6 GiB resident at step 0 to 18.5 GiB at step 120 on a 24 GiB machine,
+    and glibc's own allocator, which held 2 GiB, took twice as long a step (7-13 s against 3.5-4 s, page faults).
+    So trim(rss) gives the free pages back (malloc_trim) whenever the resident set is past twice what it was after
+    the first step: one slow step now and then instead of every one. line: what was done, in one line."""
+
+    def __init__(self):
+        self.libc, self.limit = None, None
+        try:
+            libc = ctypes.CDLL('libc.so.6')
+            M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
+            if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1):
+                self.libc = libc
+        except (OSError, AttributeError):
+            pass
+        self.line = ("cpu memory: freed tensors stay in the process for reuse (glibc mallopt: no mmap, no trim), "
+                     "given back when it holds twice its first step's" if self.libc else
+                     "cpu memory: no glibc mallopt here (or it refused), so freed tensors go back to the OS and are "
+                     "page-faulted in again each step")
+
+    def trim(self, rss_gib):
+        """After an optimizer step, with the process's resident GiB: give the free pages back past the limit."""
+        if self.libc is None:
+            return
+        if self.limit is None:
+            self.limit = 2 * rss_gib
+        elif rss_gib > self.limit:
+            self.libc.malloc_trim(0)

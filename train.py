@@ -35,7 +35,7 @@ from configurator import check_settings, configure
 from data import Data, prepare_on_first_use
 from distill import Distill
 from inherit import build_student
-from machine import Peak, all_sum, autocast as autocast_for, choose_dtype, keep_freed_memory, memory, memory_text, \
+from machine import FreedMemory, Peak, all_sum, autocast as autocast_for, choose_dtype, memory, memory_text, \
     peak_flops, pick_device, seed_all, start_ranks
 from matching import Matching
 from model import EMA
@@ -191,6 +191,9 @@ ptdtype, autocast = getattr(torch, dtype), autocast_for(device, dtype)
 print(f"tokens per optimizer step: {gradient_accumulation_steps * batch_size * block_size:,} = "
       f"{gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens; device {device}, "
       f"{dtype}" + (f"; {world_size} ranks ({dist.get_backend()}), {micro_steps} micro-steps each" if ddp else ""))
+freed = FreedMemory() if device_type == 'cpu' else None  # large freed tensors kept for the next step
+if freed:
+    print(freed.line)
 
 # ---- the teacher and the data -----------------------------------------------
 if not master:
@@ -209,8 +212,6 @@ if ddp and master:
     dist.barrier()
 data = Data(data_path, tokenizer, tokenizer_enc, batch_size, block_size, device, dtype, own_vocab,
             teacher_targets == 'cache', curriculum, schedule_iters, teacher, dataset)
-if device_type == 'cpu':
-    print(keep_freed_memory(shapes_vary=data.examples))
 if teacher_targets == 'cache':  # the teacher's targets, computed once for aligned blocks of train.bin
     data.open_cache(build_targets(teacher, data_path, targets_top_k, temperature, block_size, device=device,
                                   dtype=ptdtype, loaded=(teacher_model, tokenizer)))
@@ -372,6 +373,8 @@ while True:
     if raised:
         print(raised)
     mem = memory(device_type)
+    if freed:
+        freed.trim(mem['rss_gib'])
     record = {'iter': iter_num, **logged, 'kd_weight': criterion.kd_weight,
               'temperature': criterion.temperature, 'lr': lr, 'grad_norm': grad_norm, 'skipped': int(not finite),
               'skipped_total': skipped_total, 'dt': dt, 'samples_per_s': batch_size * gradient_accumulation_steps / dt,

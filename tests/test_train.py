@@ -160,15 +160,15 @@ def test_compile_gives_the_same_losses(tiny_teacher, tiny_data, tmp_path):
 
 
 def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_large_tensor():
-    """After keep_freed_memory(), tensors of 200 and 40 MB made and freed round after round settle on pages the
+    """After FreedMemory(), tensors of 200 and 40 MB made and freed round after round settle on pages the
     process already holds (after 3 to 6 rounds here, as the heap finds its shape) and stop page-faulting; without
     it, glibc unmaps each freed tensor and every round faults it in again. Each case runs in a fresh process: the
     setting is process-wide."""
     code = textwrap.dedent('''
         import resource, sys, torch
-        from machine import keep_freed_memory
+        from machine import FreedMemory
         if sys.argv[1] == 'keep':
-            assert 'glibc mallopt' in keep_freed_memory()
+            assert 'glibc mallopt' in FreedMemory().line
         for step in range(12):
             if step == 8:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -180,3 +180,25 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_large_tensor():
                                        check=True).stdout) for case in ('keep', 'default')}
     assert faults['default'] > 4 * 50_000  # four rounds of 240 MB in 4 KB pages: 4 x 58,600
     assert faults['keep'] * 8 < faults['default'], faults
+
+
+def test_freed_memory_is_given_back_past_twice_the_first_step():
+    """A heap kept whole holds what was freed (batches whose shapes vary grew one to 18.5 GiB); trim() gives the
+    free pages back once the resident set is past twice its first measure, and not before."""
+    code = textwrap.dedent('''
+        import psutil, torch
+        from machine import FreedMemory
+        rss = lambda: psutil.Process().memory_info().rss / 2**30
+        freed = FreedMemory()
+        x = torch.ones(50_000_000)  # 200 MB live: the first step's resident set
+        freed.trim(rss())  # the limit: twice this
+        big = torch.ones(250_000_000)  # 1 GB, freed below a small live tensor: the heap cannot shrink by itself
+        pin = torch.ones(1000)
+        del big
+        held = rss()
+        freed.trim(held)
+        print(freed.limit, held, rss())
+    ''')
+    limit, held, after = map(float, subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                                                   text=True, check=True).stdout.split())
+    assert held > limit and after < held - 0.8, (limit, held, after)  # past the limit: the 1 GB went back
