@@ -114,6 +114,7 @@ def test_sampling_is_drawn_from_seed_step_and_micro_step(tiny_examples, models):
     assert draws(1337, 5, 2) != draws(1337, 2, 5) != draws(1338, 5, 2)
 
 
+@pytest.mark.slow  # three train.py runs: ~25 s of the default run's 15-minute budget
 def test_resume_is_exact_with_onpolicy_batches(tiny_teacher, tiny_examples, tmp_path):
     """N steps straight == N/2, resume, N/2 with half the micro-steps answered by the student (jsd): identical
     records, weights and optimizer state; and the run did train on sampled answers as well as recorded ones."""
