@@ -38,7 +38,7 @@ from attention import ComplexAttention
 from configurator import config_file
 from distill import Distill
 from losses import DistillationLoss, Teacher
-from machine import DTYPES, TORCH_DTYPE, Peak, autocast, choose_dtype, FreedMemory, peak_flops, pick_device, probe
+from machine import DTYPES, TORCH_DTYPE, FreedMemory, Peak, autocast, choose_dtype, peak_flops, pick_device, probe
 from model import Indra, IndraConfig
 from monitor import student_flops_per_token, teacher_flops_per_token
 from onpolicy import OnPolicy, answer_batch

@@ -22,7 +22,7 @@ micro-step): no new state, so a resumed run, and a run on any number of ranks, s
 import numpy as np
 import torch
 
-from data import Batch
+from data import Batch, pad_examples
 
 
 def fail(msg):
@@ -51,16 +51,13 @@ def answer_batch(prompts, answers, eos_id, block_size, device, sampled=True):
     on every real token, loss mask 1 on the answer's tokens. An answer is cut after its first eos (kept: the
     student learns where to stop) and at block_size; tokens after eos are not part of the row. sampled: whether
     the answers are the student's own (the batch then takes the divergence alone)."""
-    rows, masks = [], []
+    ids, mask, spans = [], [], []
     for p, a in zip(prompts, answers):
         a = a[:a.index(eos_id) + 1] if eos_id in a else a
-        rows.append((p + a)[:block_size])
-        masks.append(([0] * len(p) + [1] * len(a))[:block_size])
-    L = max(map(len, rows))
-    x = torch.full((len(rows), L), eos_id, dtype=torch.long)
-    am, lm = torch.zeros_like(x), torch.zeros_like(x)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        x[i, :len(r)], am[i, :len(r)], lm[i, :len(r)] = torch.tensor(r), 1, torch.tensor(m)
+        spans.append((len(ids), len(p) + len(a)))
+        ids += p + a
+        mask += [0] * len(p) + [1] * len(a)
+    x, am, lm = pad_examples(np.array(ids), np.array(mask), spans, block_size, eos_id)
     return Batch(x.to(device), am.to(device), lm.to(device), sampled=sampled)
 
 
