@@ -7,24 +7,7 @@
 #   python train.py config/agent_cpu_cognate.py
 #   python eval.py --ckpt out-agent-cognate/best.pt
 from pathlib import Path
-exec((Path(__file__).parent / 'agent_cpu.py').read_text())  # the agent recipe's settings, then these
+exec((Path(__file__).parent / 'agent_cpu.py').read_text())  # the agent recipe's settings
+exec((Path(__file__).parent / 'cognate.py').read_text())  # then the Cognate student and MuGrokfast
 
 out_dir = 'out-agent-cognate'
-
-n_layer = 3
-n_head = 6
-n_embd = 384
-mlp_hidden = 3584  # 29.50M parameters, as config/agent_cpu.py's student
-recursions = 3
-act = True
-ltm = True
-ltm_dim = 64
-ltm_decay = 0.9
-
-optimizer = 'mugrokfast'  # seed 001's settings, as config/shakespeare_cognate.py
-learning_rate = 5e-4
-min_lr = 5e-5
-muon_lr = 5e-3
-grokfast_alpha = 0.98
-grokfast_lambda = 0.02
-grad_clip = 1.0

@@ -11,28 +11,7 @@
 # Each evaluation prints ACT's mean passes per token and the halting probabilities' variance (seed 001 counted
 # a variance above 0.05 as ACT working), and the memory's mean gate.
 from pathlib import Path
-exec((Path(__file__).parent / 'shakespeare.py').read_text())  # the quickstart's settings, then these
+exec((Path(__file__).parent / 'shakespeare.py').read_text())  # the quickstart's settings
+exec((Path(__file__).parent / 'cognate.py').read_text())  # then the Cognate student and MuGrokfast
 
 out_dir = 'out-cognate'
-
-n_layer = 3
-n_head = 6
-n_embd = 384
-mlp_hidden = 3584  # 3 x (attention 0.59M + MLP 2.75M + memory 0.20M) + embedding 18.87M = 29.50M
-recursions = 3
-act = True
-act_ponder_weight = 0.01
-act_diversity_weight = 0.01  # seed 001's
-act_target_variance = 0.1  # seed 001's
-ltm = True
-ltm_dim = 64
-ltm_decay = 0.9
-
-# seed 001's MuGrokfast settings after its "nuclear fix" (halved LRs, a weaker filter)
-optimizer = 'mugrokfast'
-learning_rate = 5e-4  # AdamW: embedding, norms, biases, the halting head
-min_lr = 5e-5
-muon_lr = 5e-3  # Muon: the blocks' matrices
-grokfast_alpha = 0.98
-grokfast_lambda = 0.02
-grad_clip = 1.0
