@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from configurator import check_settings, configure, script_settings
+from test_train import HANG_S
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {'batch_size': 8, 'learning_rate': 1e-3, 'teacher': 'smollm2-135m-instruct', 'compile': False}
@@ -109,7 +110,7 @@ def test_settings_say_what_follows_from_them():
 ])
 def test_train_rejects_bad_input_before_any_work(tmp_path, args, words):
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), f'--out_dir={tmp_path / "out"}', *args],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith('indra:') and all(w in last for w in words), r.stderr
@@ -120,7 +121,7 @@ def test_unavailable_teacher_names_the_alternatives(tmp_path):
     """config/indra_agent.py's hub teacher, offline and not cached: one line naming --teacher= options."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}  # an empty cache
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), str(ROOT / 'config/indra_agent.py'),
-                        f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True, env=env, timeout=300)
+                        f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "Qwen/Qwen2.5-0.5B-Instruct" in last and '--teacher=smollm2-135m-instruct' in last, r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import records, run, tiny_args
+from test_train import HANG_S, records, run, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_matching_that_cannot_work_names_the_fix(tiny_teacher, override, says):
 def test_bad_matching_stops_the_script_before_it_writes(tiny_teacher, tiny_data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(tiny_teacher, tiny_data, tmp_path / 'out',
                                                                            attention_weight=1.0, layer_map=[[1, 0]])],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and 'teacher layer 0 is the embeddings' in last and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path / 'out' / 'ckpt.pt').exists()

@@ -15,7 +15,7 @@ import torch
 from conftest import TEXT
 from safetensors.torch import load_file
 from test_inherit import QWEN_TOKENIZER, TEACHER_SIZES, save_teacher
-from test_train import ROOT, run, tiny_args
+from test_train import HANG_S, ROOT, run, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
@@ -283,7 +283,7 @@ def test_every_student_setting_is_placed():
 
 def export_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / 'export.py'), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=HANG_S, check=False)
 
 
 def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(llama_run, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 import machine
 from machine import Peak, choose_dtype, peak_flops
-from test_train import records, run, tiny_args
+from test_train import HANG_S, records, run, tiny_args
 
 
 def probe_saying(f32, bf16):
@@ -124,7 +124,7 @@ def test_agent_data_answered_in_one_dtype_is_refused_in_another(tiny_teacher, ti
     import sys
     from test_train import ROOT
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(tiny_teacher, data, out, dtype='float32')],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "answers generated in bfloat16, and this run computes in float32" in last
     assert '--dtype=bfloat16' in last and not out.exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from test_train import ROOT, records, run, tiny_args
+from test_train import HANG_S, ROOT, records, run, tiny_args
 
 
 def same_records(a, b, keys=('loss', 'ce', 'kl', 'grad_norm', 'lr', 'kd_weight', 'val_ce', 'val_kl', 'ema_val_ce')):
@@ -64,11 +64,14 @@ def start(args):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc, timeout=120):
-    t0 = time.time()
+def wait_for(predicate, proc, timeout=HANG_S):
+    """Poll until predicate() holds. The run must still be going: the runs raced here never finish on their own
+    (max_iters far beyond what a test waits for), so the outcome does not depend on the CPU's speed; the timeout
+    only guards against a hang."""
+    t0 = time.monotonic()
     while not predicate():
         assert proc.poll() is None, f"train.py exited early:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() - t0 < timeout, 'timed out'
+        assert time.monotonic() - t0 < timeout, 'timed out'
         time.sleep(0.02)
 
 
@@ -79,27 +82,32 @@ def steps_logged(out):
 
 def test_sigkill_at_random_moments_then_resume_every_time(tiny_teacher, tiny_data, tmp_path):
     """A checkpoint every step (eval_interval=1), killed with SIGKILL at random moments, five times, each time
-    resumed from what is on disk: ckpt.pt is always readable, and the finished run's record equals a run that
-    was never killed (the log is trimmed back to the checkpoint on resume)."""
-    common = dict(max_iters=30, eval_interval=1, eval_iters=1, watch_tokens=0, plot=False, optimizer='adamw8bit',
-                  ema_decay=0.9)
+    resumed from what is on disk: ckpt.pt is always readable, and the finished record equals a run that was never
+    killed (the log is trimmed back to the checkpoint on resume). The killed runs cannot finish before the kill,
+    however fast the CPU (max_iters 10^6; every schedule is lr_decay_iters long, so max_iters changes nothing
+    else); a last resume finishes the run at K steps, and the run that was never killed goes to the same K."""
+    common = dict(eval_interval=1, eval_iters=1, watch_tokens=0, plot=False, optimizer='adamw8bit', ema_decay=0.9,
+                  lr_decay_iters=30)
     straight, out = tmp_path / 'straight', tmp_path / 'killed'
-    run('train.py', *tiny_args(tiny_teacher, tiny_data, straight, **common))
     rng = random.Random(0)
     resumed_at = []
     for attempt in range(5):
         extra = ['--init_from=resume'] if attempt else []
-        proc = start(tiny_args(tiny_teacher, tiny_data, out, **common) + extra)
+        proc = start(tiny_args(tiny_teacher, tiny_data, out, max_iters=10 ** 6, **common) + extra)
         logged = steps_logged(out)
         wait_for(lambda: steps_logged(out) > logged, proc)  # training (and checkpointing) is under way
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step: forward, backward, evaluation, checkpoint write
+        assert proc.poll() is None, 'the run ended before it was killed'
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = load_checkpoint(out / 'ckpt.pt')  # never half-written
         resumed_at.append(ckpt['iter_num'])
-    assert resumed_at == sorted(resumed_at) and resumed_at[-1] < 30, resumed_at
-    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, out, **common), '--init_from=resume')
+    assert resumed_at == sorted(resumed_at) and resumed_at[-1] >= 1, resumed_at
+    K = max(30, resumed_at[-1] + 2)  # the finishing resume trains at least two more steps
+    stdout = run('train.py', *tiny_args(tiny_teacher, tiny_data, out, max_iters=K, **common), '--init_from=resume')
     assert f'at step {resumed_at[-1]}' in stdout
+    run('train.py', *tiny_args(tiny_teacher, tiny_data, straight, max_iters=K, **common))
+    assert records(out)[-1]['iter'] == K
     same_records(records(straight), records(out))
 
 
@@ -110,7 +118,7 @@ def test_signal_finishes_the_step_saves_and_exits_0(tiny_teacher, tiny_data, tmp
     proc = start(args)
     wait_for(lambda: steps_logged(out) >= 3, proc)
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, stderr[-3000:]
     assert f'stopped by {sig.name}' in stdout and '--init_from=resume' in stdout.strip().splitlines()[-1]
     ckpt = load_checkpoint(out / 'ckpt.pt')
@@ -184,7 +192,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_teacher, tiny_data, fini
         cmd = [str(ROOT / 'train.py'), *base, '--overwrite=True', *argv]  # overwrite: the check must come before writing
     watched = [finished, truncated_dir]
     before = {p: p.read_bytes() for d in watched for p in sorted(d.iterdir())}
-    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=HANG_S, cwd=ROOT)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert lines[-1].startswith('indra: ') and words in lines[-1], lines[-1]

@@ -14,7 +14,7 @@ import torch
 
 import model as model_module
 from monitor import collapsed, repetition
-from test_train import ROOT, records, run, tiny_args
+from test_train import HANG_S, ROOT, records, run, tiny_args
 
 
 def train_here(args):
@@ -163,7 +163,7 @@ def test_too_many_skipped_steps_stop_the_run_and_keep_the_checkpoint(tiny_teache
 def test_wandb_offline_or_one_line_without_it(tiny_teacher, tiny_data, tmp_path):
     args = tiny_args(tiny_teacher, tiny_data, tmp_path / 'out', max_iters=2, eval_interval=2, watch_tokens=0)
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *args, '--wandb_log=True', '--wandb_mode=offline'],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     if importlib.util.find_spec('wandb') is None:
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             "indra: --wandb_log=True needs the wandb package: pip install wandb (or run with --wandb_log=False)"]
@@ -177,7 +177,7 @@ def test_aim_missing_is_one_line(tiny_teacher, tiny_data, tmp_path):
     if importlib.util.find_spec('aim') is not None:
         pytest.skip('aim is installed here; this test checks the message when it is not')
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(tiny_teacher, tiny_data, tmp_path / 'o'),
-                        '--aim_log=True'], capture_output=True, text=True, timeout=300)
+                        '--aim_log=True'], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith('indra: --aim_log=True needs the aim')
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train import records, run, tiny_args
+from test_train import HANG_S, records, run, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 # fp32, 4 steps: what differs between 1 and 2 ranks is only the order of float sums (the gradient all-reduce,
@@ -27,7 +27,7 @@ def torchrun(nproc, script, *args, check=True):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
            str(ROOT / script), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG_S)
     if check:
         assert r.returncode == 0, f"torchrun {script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
@@ -129,6 +129,6 @@ def test_teacher_vs_itself_and_another_dtype(tiny_teacher, tiny_data, tmp_path):
 def test_eval_teacher_vs_errors_are_one_line(tiny_teacher, tiny_data, args, says):
     args = [a.replace('DATA', str(tiny_data)) for a in args]
     r = subprocess.run([sys.executable, str(ROOT / 'eval.py'), f'--teacher={tiny_teacher}', *args],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode != 0 and says in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
