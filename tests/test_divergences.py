@@ -1,13 +1,13 @@
-"""DistillationLoss's kd_loss (forward_kl, reverse_kl, jsd, tvd, skew_kl), kd_top_k subset KD and the Teacher.mask KD
-rows, against the formulas in float64 on full logits, one row at a time with plain autograd.
-Run: python -m pytest tests/test_divergences.py"""
+"""kd_loss (forward_kl, reverse_kl, jsd, tvd, skew_kl), kd_top_k subset KD and the Teacher.mask KD rows:
+reference_loss against the papers' formulas (float64, one row at a time), and DistillationLoss (the chunked loss)
+against reference_loss, values and gradients, for every divergence. Run: python -m pytest tests/test_divergences.py"""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import DistillationLoss, Teacher, divergence
+from losses import KD_LOSSES, DistillationLoss, Teacher, divergence, reference_loss
 from test_losses import MASKS, data, sparse_targets
 
 KINDS = [('forward_kl', {}), ('reverse_kl', {}), ('jsd', {'jsd_beta': 0.5}), ('jsd', {'jsd_beta': 0.9}),
@@ -29,8 +29,9 @@ def direct(p, q, kind, jsd_beta=0.5, skew_alpha=0.1):
     return kl(p, skew_alpha * p + (1 - skew_alpha) * q)
 
 
-def reference(h, W, th, tW, idx, am, lm, a, T, eps, kind, kd_top_k=0, kd_mask=None, clamp=0.0, **kw):
-    """(loss, ce, kd) from full logits, a counted row at a time; kd_top_k's subset as a Python set union."""
+def per_row(h, W, th, tW, idx, am, lm, a, T, eps, kind, kd_top_k=0, kd_mask=None, clamp=0.0, **kw):
+    """(loss, ce, kd) from full logits, a counted row at a time with the formulas above; kd_top_k's subset as a
+    Python set union. The check of reference_loss, which every other test here holds the chunked loss to."""
     V = W.shape[0]
     s, t = h @ W.T, (th @ tW.T)[..., :V]
     if clamp:
@@ -53,6 +54,12 @@ def reference(h, W, th, tW, idx, am, lm, a, T, eps, kind, kd_top_k=0, kd_mask=No
     return (1 - a) * ce + a * T * T * kd, ce, kd
 
 
+def settings(a, T, eps, kind, kd_top_k=0, clamp=0.0, **kw):
+    """DistillationLoss's keyword arguments (and reference_loss's) for per_row's positional ones."""
+    return dict(kd_weight=a, temperature=T, label_smoothing=eps, kd_loss=kind, kd_top_k=kd_top_k, logit_clamp=clamp,
+                **kw)
+
+
 def run(crit, h, W, th, tW, idx, am=None, lm=None, kd_mask=None, teacher=None):
     """The chunked loss and its gradients with respect to h and W."""
     h, W = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
@@ -69,24 +76,56 @@ def assert_close(got, want, tol=1e-5):
         assert torch.allclose(x.double(), y.double(), rtol=tol, atol=atol), (x - y).abs().max()
 
 
-def with_reference_grads(h, W, th, tW, idx, *args, **kw):
-    """reference()'s (loss, ce, kd, h.grad, W.grad), to hold run()'s against."""
+def with_grads(loss_fn, h, W, th, tW, idx, *args, **kw):
+    """(loss, ce, kd, h.grad, W.grad) of loss_fn (per_row, or definition), to hold run()'s against."""
     h, W = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-    loss, ce, kd = reference(h, W, th, tW, idx, *args, **kw)
+    loss, ce, kd = loss_fn(h, W, th, tW, idx, *args, **kw)
     loss.backward()
     return loss.detach(), ce.detach(), kd.detach(), h.grad, W.grad
 
 
+def definition(h, W, th, tW, idx, am=None, lm=None, kd_mask=None, **kw):
+    """reference_loss on the logits h @ W.T and th @ tW.T, with DistillationLoss's settings kw."""
+    return reference_loss(h @ W.T, idx, am, lm, th @ tW.T, kd_mask, **kw)
+
+
 @pytest.mark.parametrize('kd_top_k', [0, 3])
 @pytest.mark.parametrize('kind,kw', KINDS)
-def test_every_kind_equals_the_formula_values_and_gradients(kind, kw, kd_top_k):
-    """With padding, a loss mask, label smoothing, a teacher padded past V and chunks of 4 rows."""
+def test_reference_loss_is_the_formula(kind, kw, kd_top_k):
+    """The definition itself, float64, against per_row: padding, a loss mask, KD rows, label smoothing, a logit
+    clamp, a teacher padded past V."""
     h, W, th, tW, idx = (x.double() if x.is_floating_point() else x for x in data(V=11, Vt=13))
     am, lm = MASKS
-    crit = DistillationLoss(0.6, 2.0, 0.1, chunk_tokens=4, kd_loss=kind, kd_top_k=kd_top_k, **kw)
-    got = run(crit, h, W, th, tW, idx, am, lm)
-    assert_close(got, with_reference_grads(h, W, th, tW, idx, am, lm, 0.6, 2.0, 0.1, kind, kd_top_k, **kw))
+    kd_mask = torch.tensor([[1, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0, 1]])
+    kwargs = settings(0.6, 2.0, 0.1, kind, kd_top_k, 3.0, **kw)
+    got = with_grads(definition, h, W, th, tW, idx, am, lm, kd_mask, **kwargs)
+    want = with_grads(per_row, h, W, th, tW, idx, am, lm, 0.6, 2.0, 0.1, kind, kd_top_k, kd_mask, 3.0, **kw)
+    assert_close(got, want, tol=1e-10)
     assert got[2] > 1e-3  # a divergence worth comparing
+
+
+@pytest.mark.parametrize('dtype,grad_tol', [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('clamp', [0.0, 3.0])
+@pytest.mark.parametrize('kd_top_k', [0, 3])
+@pytest.mark.parametrize('kind,kw', KINDS)
+def test_chunked_equals_reference_loss(kind, kw, kd_top_k, clamp, dtype, grad_tol):
+    """DistillationLoss (chunked_loss.py) against reference_loss, for every divergence: loss, ce and kd to a relative
+    1e-5, the gradients with respect to the student's hidden states and head to grad_tol (float64 1e-6, float32
+    1e-5), with padding, a loss mask, KD rows (Teacher.mask), label smoothing, T != 1, a teacher padded past V and
+    chunks of 4 rows. float64 inputs are not held tighter than 1e-6: the chunked loss keeps its row weights, its
+    per-row CE and D, and the clamp's tanh in float32."""
+    assert {k for k, _ in KINDS} == set(KD_LOSSES)
+    h, W, th, tW, idx = (x.to(dtype) if x.is_floating_point() else x for x in data(B=3, L=9, V=11, Vt=13))
+    am = torch.tensor([[1] * 9, [0, 0] + [1] * 7, [1] * 6 + [0] * 3])
+    lm = torch.tensor([[0, 0] + [1] * 7, [1] * 9, [1, 1, 0, 1, 1, 1, 1, 1, 1]])
+    kd_mask = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 0, 1, 1], [1] * 9])
+    kwargs = settings(0.6, 2.5, 0.1, kind, kd_top_k, clamp, **kw)
+    got = run(DistillationLoss(chunk_tokens=4, **kwargs), h, W, th, tW, idx, am, lm, kd_mask)
+    want = with_grads(definition, h, W, th, tW, idx, am, lm, kd_mask, **kwargs)
+    assert_close(got[:3], want[:3], tol=1e-5)
+    assert_close(got[3:], want[3:], tol=grad_tol)
+    assert got[2] > 1e-3  # a divergence worth comparing
+    assert got[3].dtype == dtype and got[4].dtype == dtype
 
 
 @pytest.mark.parametrize('kind,kw', [('forward_kl', {}), ('jsd', {'jsd_beta': 0.3})])
@@ -97,7 +136,7 @@ def test_kd_mask_averages_kd_over_its_own_rows(kind, kw):
     kd_mask = torch.tensor([[1, 0, 1, 1, 0, 1, 1], [1, 1, 0, 1, 1, 0, 1]])
     crit = DistillationLoss(0.5, 2.0, kd_loss=kind, **kw)
     got = run(crit, h, W, th, tW, idx, am, lm, kd_mask)
-    assert_close(got, with_reference_grads(h, W, th, tW, idx, am, lm, 0.5, 2.0, 0.0, kind, 0, kd_mask, **kw))
+    assert_close(got, with_grads(definition, h, W, th, tW, idx, am, lm, kd_mask, **settings(0.5, 2.0, 0.0, kind, **kw)))
     unmasked = run(crit, h, W, th, tW, idx, am, lm)
     assert abs(unmasked[2] - got[2]) > 1e-3 and unmasked[1] == got[1]  # the mask moves KD, not CE
     th2 = th.clone()
@@ -232,8 +271,8 @@ def test_logit_clamp_and_bfloat16_on_the_autograd_path():
     h = 4 * h  # logits of +-30 and beyond: the clamp matters
     crit = DistillationLoss(0.5, 2.0, chunk_tokens=5, logit_clamp=10.0, kd_loss='jsd', kd_top_k=20)
     got = run(crit, h, W, th, tW, idx)
-    want = with_reference_grads(h.double(), W.double(), th.double(), tW.double(), idx, None, None, 0.5, 2.0, 0.0,
-                                'jsd', 20, clamp=10.0)
+    want = with_grads(definition, h.double(), W.double(), th.double(), tW.double(), idx,
+                      **settings(0.5, 2.0, 0.0, 'jsd', 20, 10.0))
     assert_close(got, want)
     bf = run(crit, h.bfloat16(), W, th.bfloat16(), tW, idx)
     assert bf[3].dtype == torch.bfloat16

@@ -1,49 +1,11 @@
-"""DistillationLoss (chunked, from hidden states) against a per-token reference, plain autograd
-on full logits, and known cases. Run: python -m pytest tests/test_losses.py"""
-import math
-
+"""DistillationLoss (chunked, from hidden states) against reference_loss (plain autograd on full
+logits), and known cases. Every divergence against reference_loss, and reference_loss against the
+papers' formulas, are in test_divergences.py. Run: python -m pytest tests/test_losses.py"""
 import pytest
 import torch
 
-from losses import DistillationLoss, Teacher
-
-
-def reference(s, t, idx, am, lm, kd_weight, T, smoothing=0.0):
-    """One token at a time, with Python floats, from full logits."""
-    B, L, V = s.shape
-    total_ce = total_kl = 0.0
-    n = 0
-    for b in range(B):
-        for i in range(L - 1):
-            if am is not None and not (am[b, i] and am[b, i + 1]):
-                continue
-            if lm is not None and not lm[b, i + 1]:
-                continue
-            logp = torch.log_softmax(s[b, i].double(), -1)
-            y = idx[b, i + 1]
-            total_ce += -(1 - smoothing) * logp[y].item() - smoothing * logp.mean().item()
-            pt = torch.softmax(t[b, i, :V].double() / T, -1)
-            ps = torch.log_softmax(s[b, i].double() / T, -1)
-            total_kl += sum(pt[v].item() * (math.log(pt[v].item()) - ps[v].item()) for v in range(V))
-            n += 1
-    ce, kl = total_ce / max(n, 1), total_kl / max(n, 1)
-    return (1 - kd_weight) * ce + kd_weight * T * T * kl, ce, kl
-
-
-def plain_autograd(s, t, idx, am, lm, a, T, eps):
-    """The loss as ordinary autograd ops on full logits: what the chunked loss must equal."""
-    V = s.size(-1)
-    w = torch.ones(idx.shape[0], idx.shape[1] - 1)
-    if am is not None:
-        w = w * am[:, :-1] * am[:, 1:]
-    if lm is not None:
-        w = w * lm[:, 1:]
-    sf = s[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(sf.reshape(-1, V), idx[:, 1:].reshape(-1), reduction='none',
-                                           label_smoothing=eps).view_as(w)
-    log_p = torch.log_softmax(t[:, :-1, :V].float() / T, -1)
-    kl = (log_p.exp() * (log_p - torch.log_softmax(sf / T, -1))).sum(-1)
-    return (w * ((1 - a) * ce + a * T * T * kl)).sum() / w.sum().clamp(min=1)
+import chunked_loss
+from losses import DistillationLoss, Teacher, reference_loss
 
 
 def data(B=2, L=7, V=11, Vt=None, C=6, Ct=5, seed=0):
@@ -60,20 +22,21 @@ MASKS = (torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]),
 
 
 @pytest.mark.parametrize('kd_weight,T,smoothing', [(0.5, 2.0, 0.0), (0.9, 1.0, 0.1), (0.0, 3.0, 0.0), (1.0, 4.0, 0.0)])
-def test_matches_per_token_reference(kd_weight, T, smoothing):
+def test_matches_reference_loss(kd_weight, T, smoothing):
+    """The three values, at the ends of kd_weight too (0: CE only and kd 0; 1: KD only, CE still reported)."""
     h, W, th, tW, idx = data()
     am, lm = MASKS
-    loss, ce, kl = DistillationLoss(kd_weight, T, smoothing)(h, W, idx, am, lm, Teacher(th, tW))
-    want, want_ce, want_kl = reference(h @ W.T, th @ tW.T, idx, am, lm, kd_weight, T, smoothing)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    assert ce.item() == pytest.approx(want_ce, rel=1e-5)
-    if kd_weight > 0:
-        assert kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-7)
+    got = DistillationLoss(kd_weight, T, smoothing)(h, W, idx, am, lm, Teacher(th, tW))
+    want = reference_loss(h @ W.T, idx, am, lm, th @ tW.T, kd_weight=kd_weight, temperature=T,
+                          label_smoothing=smoothing)
+    for x, y in zip(got, want):
+        assert x.item() == pytest.approx(y.item(), rel=1e-5, abs=1e-7)
+    assert (got[2].item() == 0) == (kd_weight == 0)
 
 
 @pytest.mark.parametrize('dtype,chunk,T', [(torch.float32, 1024, 2.5), (torch.float32, 4, 2.5), (torch.float32, 4, 1.0),
                                            (torch.bfloat16, 5, 2.5)])
-def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk, T):
+def test_chunked_equals_reference_loss_values_and_gradients(dtype, chunk, T):
     """T = 1 is a path of its own: q_T is q, one softmax serves CE and KL."""
     h, W, th, tW, idx = data(B=3, L=9, V=700, Vt=768, C=16, Ct=12)  # row sub-chunks, a padded teacher
     am = torch.ones(3, 9, dtype=torch.long)
@@ -85,7 +48,8 @@ def test_chunked_equals_plain_autograd_values_and_gradients(dtype, chunk, T):
     h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     h2, W2 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     loss, _, _ = DistillationLoss(0.6, T, 0.1, chunk_tokens=chunk)(h1, W1, idx, am, lm, Teacher(th, tW))
-    want = plain_autograd(h2 @ W2.to(dtype).T, th @ tW.to(dtype).T, idx, am, lm, 0.6, T, 0.1)
+    want, _, _ = reference_loss(h2 @ W2.to(dtype).T, idx, am, lm, th @ tW.to(dtype).T, kd_weight=0.6,
+                                temperature=T, label_smoothing=0.1)
     (3 * loss).backward()
     (3 * want).backward()
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: logits and gradients are rounded to bf16
@@ -188,8 +152,8 @@ def test_sparse_kl_and_gradient_equal_the_bucketed_formula(T):
 
 
 def test_logit_clamp_equals_autograd_through_the_bound():
-    """logit_clamp=c: the loss sees c tanh(s / c) (Indra.head applies the same), values and gradients as plain
-    autograd; the bound keeps a gradient where a hard clamp(-c, c) would give none."""
+    """logit_clamp=c: the loss sees c tanh(s / c) (Indra.head applies the same), values and gradients as
+    reference_loss; the bound keeps a gradient where a hard clamp(-c, c) would give none."""
     h, W, th, tW, idx = data(B=2, L=9, V=300, C=16, Ct=12)
     h = 4 * h  # logits of +-30 and beyond: the bound matters
     h1, W1 = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
@@ -197,7 +161,8 @@ def test_logit_clamp_equals_autograd_through_the_bound():
     loss, _, _ = DistillationLoss(0.5, 2.0, chunk_tokens=5, logit_clamp=10.0)(h1, W1, idx, teacher=Teacher(th, tW))
     s = h2 @ W2.T
     assert s.abs().max() > 30
-    want = plain_autograd(10.0 * torch.tanh(s / 10.0), th @ tW.T, idx, None, None, 0.5, 2.0, 0.0)
+    want, _, _ = reference_loss(s, idx, teacher_logits=th @ tW.T, kd_weight=0.5, temperature=2.0,
+                                logit_clamp=10.0)
     loss.backward()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
@@ -230,15 +195,14 @@ def test_autocast_runs_the_heads_in_its_dtype():
 def test_no_grad_computes_no_gradient(monkeypatch):
     """An evaluation (torch.no_grad) with a head that requires grad, as train.py's is: the same values, and no
     gradient work (a Function's forward sees needs_input_grad set even under no_grad; the loss must not trust it)."""
-    import losses
     torch.manual_seed(0)
     h, W = torch.randn(2, 6, 8), torch.randn(20, 8, requires_grad=True)
     th, tW, idx = torch.randn(2, 6, 4), torch.randn(20, 4), torch.randint(20, (2, 6))
     crit = DistillationLoss(0.5, 1.0, chunk_tokens=5)
     want = crit(h, W, idx, teacher=Teacher(th, tW))
     asked = []
-    real = losses.kd_rows
-    monkeypatch.setattr(losses, 'kd_rows', lambda *a, **k: asked.append(k['need_grad']) or real(*a, **k))
+    real = chunked_loss.kd_rows
+    monkeypatch.setattr(chunked_loss, 'kd_rows', lambda *a, **k: asked.append(k['need_grad']) or real(*a, **k))
     with torch.no_grad():
         got = crit(h, W, idx, teacher=Teacher(th, tW))
     assert asked == [False, False] and all(torch.equal(a, b) for a, b in zip(got, want))
