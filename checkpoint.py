@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from machine import all_sum
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
 PROGRESS = ('iter_num', 'evaluated', 'best_val', 'bad_evals', 'skipped_total')
@@ -102,7 +105,8 @@ def load_checkpoint(path):
 def load_student(path, ema=False):
     """(the student in eval mode on CPU, the checkpoint): its weights, or with ema its EMA of them (one line when
     it has none, or when they do not fit the model)."""
-    from model import EMA, Indra, IndraConfig
+    from model import Indra, IndraConfig
+    from optim import EMA
     ckpt = load_checkpoint(path)
     model = Indra(IndraConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
@@ -227,6 +231,19 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: finishing this step, then writing {self.ckpt_path} (send it again to stop at once, "
               f"without saving)", flush=True)
+
+    def requested(self, ddp):
+        """Whether to stop after this step: a signal came to this rank or, under torchrun, to any other."""
+        if ddp and all_sum(torch.tensor(float(self.signal is not None))) > 0:
+            self.signal = self.signal or 'a signal to another rank'
+        return self.signal is not None
+
+    def exit(self, step, argv):
+        """After the checkpoint is written: say how to resume, and exit 0."""
+        args = ' '.join(a for a in argv if not a.startswith('--init_from='))
+        print(f"stopped by {self.signal} after step {step}: {self.ckpt_path} holds everything; resume with\n"
+              f"  python train.py {args} --init_from=resume")
+        sys.exit(0)
 
 
 def start_log(out_path, config, resume, iter_num, evaluated):

@@ -1,188 +1,176 @@
 """
-One batch's distillation: what the teacher says about it, and the loss the student learns from; and
-the held-out measure of the same during training. train.py's loop calls loss() per micro-step and
-evaluate() at every evaluation; everything that differs between kinds of run is decided here:
+One batch's distillation: what the teacher says about it and the loss the student learns from it
+(loss(), per micro-step), and the held-out measure of the same (evaluate(), at every evaluation).
 
-  the teacher live      it runs on the batch: its final hidden states (losses.py makes the logits chunk by
-                        chunk) and, with matching, the insides of its mapped layers (matching.py)
-  cached targets        the batch brings the teacher's top-k log-probs (teacher.py --cache)
-  an own tokenizer      the teacher runs on its tokens of the same text; at the aligned positions its state
-                        goes through the projector into the student's vocabulary, and the projector learns
-                        from its own CE beside the student (vocab.py)
-  on-policy             for a share of the example batches the student answers the prompts itself, and the
-                        loss is the divergence alone on its answer's tokens (onpolicy.py)
+The plain run: the teacher's final hidden states on the batch, the student's on the same tokens,
+and losses.DistillationLoss over both. Each option changes one thing through one named call into
+its own room: the teacher's cached top-k targets (teacher.py), an own tokenizer's projector
+(vocab.py), the student's own answers (onpolicy.py), matching the insides (matching.py), a Cognate
+student's ACT terms (cognate.py).
 
-    distill = Distill(model, teacher_model, criterion, autocast, matching=None, projector=None, onpolicy=None)
-    loss, parts = distill.loss(batch, at=(step, micro_step))  # parts: 'ce', 'kl' (the divergence), 'feature',
-        # 'attention', 'projector_ce', 'onpolicy', a Cognate student's 'passes', 'halt_var', 'gate' (model.cognate_terms)
+    distill = Distill(model, teacher_model, criterion, autocast)
+    loss, parts = distill.loss(batch, at=(step, micro_step))  # parts: 'ce', 'kl', the options'
     stats = distill.evaluate(data, eval_iters=8, seed=1337)
 """
-import copy
 import math
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cognate
 import vocab
 from losses import DistillationLoss, Teacher, counted_tokens
-from machine import all_sum
-from matching import teacher_internals
+from machine import all_sum, compiled
+from matching import Matching, student_internals, teacher_internals
+from onpolicy import OnPolicy, divergence_only
 from teacher import teacher_hidden
 
 
 class HiddenStates(torch.nn.Module):
-    """The student up to its final hidden states: (B, T) ids -> (B, T, C); the loss applies the tied head itself.
-    A module of its own because DDP synchronizes gradients through a module's forward."""
+    """The student up to its final hidden states, (B, T) ids -> (B, T, C): the loss applies the head
+    itself. A module of its own because DDP synchronizes gradients through a module's forward.
+    insides=True: (hidden states, the insides of the blocks that matching reads)."""
 
-    def __init__(self, model):
+    def __init__(self, model, matching=None):
         super().__init__()
-        self.model = model
+        self.model, self.matching = model, matching
 
-    def forward(self, idx, attention_mask=None, layers=(), attention_layers=()):
-        return self.model.hidden_states(idx, attention_mask, layers, attention_layers)
+    def forward(self, idx, attention_mask=None, insides=False):
+        if insides:
+            m = self.matching
+            return student_internals(self.model, idx, attention_mask, m.student_layers,
+                                     m.student_att)
+        return self.model.hidden_states(idx, attention_mask)
 
 
 class Distill:
-    """The student model (Indra) learning from teacher_model through criterion (a DistillationLoss, whose
-    kd_weight and temperature the loop sets per step), under autocast. matching: a matching.Matching or None;
-    projector: the own tokenizer's vocab.Projector or None. compile_on: a batch to compile the student on (None:
-    eager); ddp: wrap the training forward in DistributedDataParallel; onpolicy: an onpolicy.OnPolicy or None."""
+    """The student (an Indra) learning from teacher_model through criterion (a DistillationLoss
+    whose kd_weight and temperature the loop sets per step), under autocast. ddp: train through
+    DistributedDataParallel; compile_on: a batch to torch.compile the student on (None: eager).
+    The options, each None when off: matching (matching.Matching), projector (vocab.Projector),
+    onpolicy (onpolicy.OnPolicy)."""
 
-    def __init__(self, model, teacher_model, criterion, autocast, matching=None, projector=None, compile_on=None,
-                 ddp=False, onpolicy=None):
-        self.model, self.teacher, self.criterion, self.autocast = model, teacher_model, criterion, autocast
-        self.matching, self.projector, self.onpolicy = matching, projector, onpolicy
+    def __init__(self, model, teacher_model, criterion, autocast, ddp=False, compile_on=None,
+                 matching=None, projector=None, onpolicy=None):
+        self.model, self.teacher, self.criterion = model, teacher_model, criterion
+        self.autocast, self.matching, self.projector = autocast, matching, projector
+        self.onpolicy = onpolicy
         self.device = next(model.parameters()).device
-        self.teacher_head = teacher_model.get_output_embeddings().weight.to(self.device)  # a copy if device-mapped
+        self.teacher_head = teacher_model.get_output_embeddings().weight.to(self.device)  # may copy
         chunk, clamp = criterion.chunk_tokens, criterion.logit_clamp
-        self.eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=chunk, logit_clamp=clamp)
-        self.eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=chunk)  # the teacher's and the projector's: no clamp
-        self.hidden = HiddenStates(model)
+        self.eval_kl = DistillationLoss(kd_weight=1.0, temperature=1.0, chunk_tokens=chunk,
+                                        logit_clamp=clamp)
+        self.eval_ce = DistillationLoss(kd_weight=0.0, chunk_tokens=chunk)  # a teacher's: no clamp
+        self.hidden = HiddenStates(model, matching)
         if compile_on is not None:
-            self._compile(compile_on)
-        # training runs through DDP, which averages the gradients over the ranks in backward; evaluation needs none
+            self.hidden = compiled(self.hidden, compile_on, autocast)
+        # training runs through DDP, which averages the gradients over the ranks in backward
         self.train_hidden = DDP(self.hidden, broadcast_buffers=False) if ddp else self.hidden
-        self.held_out = None  # (batches with the teacher's targets, the teacher's CE): made at the first evaluation
-        cfg = model.config  # a Cognate student's figures (seed 001): ACT's passes and halting variance, the memory gate
+        self.held_out = None  # (batches with the teacher's targets, its CE), made when first needed
+        cfg = model.config  # a Cognate student's figures: ACT's passes, halting variance, gate
         self.cognate = ['passes', 'halt_var'] * cfg.act + ['gate'] * cfg.ltm
-        # the parts of the loss in the log ('kl' is the divergence kd_loss)
+        # the parts of the loss in the log ('kl' is the divergence kd_loss), then the options'
         self.logged = ['loss', 'ce', 'kl'] + ['projector_ce'] * bool(projector) \
-            + ['feature'] * bool(matching and matching.feature_weight) \
-            + ['attention'] * bool(matching and matching.attention_weight) + ['onpolicy'] * bool(onpolicy) \
-            + self.cognate
-
-    def _compile(self, batch):
-        """torch.compile the student now, on a real batch, so that the first timed step is not the compilation;
-        where it cannot compile (no C++ compiler, an unsupported platform), say so in one line and run eager."""
-        print("compiling the student (torch.compile; a minute or so on a CPU)")
-        try:
-            self.hidden = torch.compile(HiddenStates(self.model))
-            with torch.random.fork_rng(), self.autocast:  # leaves the RNG as it was (dropout draws from it)
-                self.hidden(batch.x, batch.attention_mask).sum().backward()
-            self.model.zero_grad(set_to_none=True)
-        except Exception as e:
-            print(f"indra: torch.compile is unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  f"running the student uncompiled")
-            self.hidden = HiddenStates(self.model)
+            + (matching.logged if matching else []) + ['onpolicy'] * bool(onpolicy) + self.cognate
 
     # ---- what the teacher says ----
-    def run_teacher(self, x, attention_mask=None):
-        """The teacher on a batch of its tokens: a Teacher for the loss, and the hidden states and attention of the
-        layers mapped for matching ({} when nothing is matched)."""
-        m = self.matching
-        with torch.no_grad(), self.autocast:
-            if not (m and (m.teacher_layers or m.teacher_att)):
-                h = teacher_hidden(self.teacher, x, attention_mask)
-                return Teacher(hidden=h.to(self.device), head=self.teacher_head), {}
-            last, inside = teacher_internals(self.teacher, x, attention_mask, m.teacher_layers, m.teacher_att)
-            return Teacher(hidden=last.to(self.device), head=self.teacher_head), inside
-
-    def through_projector(self, h, has, x):
-        """The teacher's aligned states h (B, T, Ct), where has, through the projector: (a Teacher over the student's
-        vocabulary, the projector's own CE)."""
-        return vocab.through_projector(self.projector, self.model.lm_head.weight, h, has, x, self.eval_ce,
-                                       self.autocast)
-
     def teacher_says(self, b):
-        """(a Teacher for the loss or None, the insides of the layers mapped for matching, the projector's CE or
-        None) for the data.Batch b."""
-        if self.projector is not None:
-            t, p_ce = self.through_projector(*vocab.aligned_teacher(self.teacher, b, self.autocast), b.x)
+        """(a Teacher for the loss or None, the insides of its layers mapped for matching, the
+        projector's CE or None) for the data.Batch b."""
+        if self.projector is not None:  # an own tokenizer: the teacher through the projector
+            aligned = vocab.aligned_teacher(self.teacher, b, self.autocast)
+            t, p_ce = self.through_projector(*aligned, b.x)
             return t, {}, p_ce
-        if b.cached is not None:
+        if b.cached is not None:  # the teacher's targets, computed once
             return b.cached, {}, None
         if self.criterion.kd_weight > 0 or self.matching or b.sampled:
             return (*self.run_teacher(b.x, b.attention_mask), None)
-        return None, {}, None
+        return None, {}, None  # cross-entropy alone: no teacher needed
+
+    def run_teacher(self, x, attention_mask=None):
+        """The teacher on a batch of its tokens: a Teacher for the loss (its final hidden states and
+        head), and the insides of the layers matching reads ({} when nothing is matched)."""
+        m = self.matching
+        with torch.no_grad(), self.autocast:
+            if m and (m.teacher_layers or m.teacher_att):
+                h, inside = teacher_internals(self.teacher, x, attention_mask, m.teacher_layers,
+                                              m.teacher_att)
+            else:
+                h, inside = teacher_hidden(self.teacher, x, attention_mask), {}
+            return Teacher(hidden=h.to(self.device), head=self.teacher_head), inside
+
+    def through_projector(self, h, has, x):
+        """The teacher's aligned states h (B, T, Ct), where has, through the projector: (a Teacher
+        over the student's vocabulary, the projector's own CE)."""
+        return vocab.through_projector(self.projector, self.model.lm_head.weight, h, has, x,
+                                       self.eval_ce, self.autocast)
 
     # ---- the student's loss ----
     def loss(self, b, at=(0, 0)):
-        """The loss of one micro-batch, to backprop, and its parts, detached, for the log: 'ce', 'kl' (the
-        divergence kd_loss), and when switched on 'feature', 'attention', 'projector_ce' and 'onpolicy' (1 when
-        the student answered this batch). at: (optimizer step, micro-step), which seed on-policy sampling."""
-        if self.onpolicy is not None and self.onpolicy.chosen(*at):
-            b = self.onpolicy.sampled(self.model, b, *at, self.autocast)
-        criterion = self.criterion
-        if b.sampled:  # the student's own tokens are no labels: the divergence alone (GKD), the CE only logged
-            criterion = copy.copy(criterion)
-            criterion.kd_weight = 1.0
-        t, inside, p_ce = self.teacher_says(b)
-        parts = {} if p_ce is None else {'projector_ce': p_ce.detach()}
-        if self.onpolicy is not None:
+        """The loss of one micro-batch, to backprop, and its parts, detached, for the log: 'ce',
+        'kl' (the divergence kd_loss) and the options'. at: (optimizer step, micro-step), which seed
+        on-policy sampling."""
+        criterion, parts = self.criterion, {}
+        if self.onpolicy is not None:  # on a share of the micro-steps the student answers itself
+            b = self.onpolicy.batch(self.model, b, *at, self.autocast)
             parts['onpolicy'] = torch.tensor(float(b.sampled))
-        x, am, m = b.x, b.attention_mask, self.matching
+        if b.sampled:  # its own tokens are no labels to imitate: the divergence alone (GKD)
+            criterion = divergence_only(criterion)
+        t, inside, p_ce = self.teacher_says(b)
+        x, am = b.x, b.attention_mask
         with self.autocast:
-            if m:
-                h, mine = self.train_hidden(x, am, m.student_layers, m.student_att)
+            if self.matching:
+                h, mine = self.train_hidden(x, am, insides=True)
             else:
                 h = self.train_hidden(x, am)
-            loss, parts['ce'], parts['kl'] = criterion(h, self.model.lm_head.weight, x, am, b.loss_mask, teacher=t)
-            if self.cognate:  # ACT's ponder cost and diversity term, over the tokens the loss counts
-                extra, figures = self.model.cognate_terms(counted_tokens(x, am, b.loss_mask))
+            head = self.model.lm_head.weight
+            loss, parts['ce'], parts['kl'] = criterion(h, head, x, am, b.loss_mask, teacher=t)
+            if self.cognate:  # ACT's ponder cost and diversity term, on the tokens the loss counts
+                extra, figures = cognate.terms(self.model, counted_tokens(x, am, b.loss_mask))
                 loss = loss + extra
                 parts.update(figures)
-            if p_ce is not None:
-                loss = loss + p_ce  # the projector learns from its own CE, beside the student
-            for k, part in (m.losses(mine, inside, am) if m else {}).items():  # feature, then attention matching
-                parts[k] = part
-                loss = loss + m.weight[k] * part
+            if p_ce is not None:  # the projector learns from its own CE, beside the student
+                loss = loss + p_ce
+                parts['projector_ce'] = p_ce
+            if self.matching:  # + the weighted feature and attention matching losses
+                loss = self.matching.add_losses(loss, parts, mine, inside, am)
         return loss, {k: v.detach().float().item() for k, v in parts.items()}
 
     # ---- the held-out measure ----
     @torch.no_grad()
     def held_out_batches(self, data, eval_iters, seed):
-        """eval_iters fixed held-out batches, each with what the teacher says about it, and the teacher's CE on them.
-        The batches are the same at every evaluation and the teacher is frozen, so its forward runs once per run
-        (a few MB of hidden states), not at every evaluation and again for the EMA weights. An own tokenizer keeps
-        the teacher's aligned states: what the projector makes of them changes as it learns.
-        Under torchrun each rank keeps every world_size-th batch; the sums are then taken over all ranks."""
+        """eval_iters fixed held-out batches, each with what the teacher says about it, and the
+        teacher's CE on them. The batches are the same at every evaluation and the teacher is
+        frozen, so its forward runs once per run. An own tokenizer keeps the teacher's aligned
+        states: what the projector makes of them changes as it learns. Under torchrun each rank
+        keeps every world_size-th batch; the sums are taken over all ranks."""
         if self.held_out is None:
-            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            print(f"held-out set: {eval_iters} batches of {data.batch_size} x {data.block_size}; the teacher runs on "
-                  f"them once, now")
+            ranks = dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ranks else (0, 1)
+            print(f"held-out set: {eval_iters} batches of {data.batch_size} x {data.block_size}; "
+                  f"the teacher runs on them once, now")
             gen = torch.Generator().manual_seed(seed + 1)
             batches, t_ce = [], torch.zeros(())
             for i in range(eval_iters):
                 b = data.batch('val', gen, load=i % world == rank)
                 if b is None:
                     continue
-                if self.projector is not None:
+                if self.projector is not None:  # the teacher's aligned states, projected later
                     batches.append((b, vocab.aligned_teacher(self.teacher, b, self.autocast)))
                     continue
                 t = self.run_teacher(b.x, b.attention_mask)[0]
                 with self.autocast:
-                    t_ce += self.eval_ce(t.hidden, t.head[:self.model.config.vocab_size], b.x, b.attention_mask,
-                                         b.loss_mask)[1].float().cpu()
+                    t_ce += self.eval_ce(t.hidden, t.head[:self.model.config.vocab_size], b.x,
+                                         b.attention_mask, b.loss_mask)[1].float().cpu()
                 batches.append((b, t))
             self.held_out = batches, (all_sum(t_ce) / eval_iters).item()
         return self.held_out
 
     @torch.no_grad()
     def evaluate(self, data, eval_iters, seed, ema=None):
-        """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the teacher's CE; with an
-        EMA, its weights' CE and KL on the same batches too (ema_val_ce, ema_val_kl; seed 002). An own tokenizer:
-        KL from the projected teacher, and the projected teacher's CE on the student's tokens."""
+        """Student CE and KL(teacher || student) at T=1 on the held-out batches, beside the
+        teacher's CE; with an EMA, its weights' CE and KL on the same batches too."""
         stats = self.held_out_stats(data, eval_iters, seed)
         if ema is not None:
             with ema.applied(self.model):
@@ -193,20 +181,40 @@ class Distill:
     def held_out_stats(self, data, eval_iters, seed):
         batches, t_ce = self.held_out_batches(data, eval_iters, seed)
         self.model.eval()
-        totals = torch.zeros(3 + len(self.cognate))  # CE, KL, projector CE, the Cognate figures
+        totals = torch.zeros(3 + len(self.cognate))  # CE, KL, the projector's CE, Cognate's figures
         for b, t in batches:
-            if self.projector is not None:
+            if self.projector is not None:  # KL from the projected teacher, and the projector's CE
                 t, p_ce = self.through_projector(*t, b.x)
                 totals[2] += p_ce.float().cpu()
             with self.autocast:
-                _, ce, kl = self.eval_kl(self.hidden(b.x, b.attention_mask), self.model.lm_head.weight, b.x,
-                                         b.attention_mask, b.loss_mask, teacher=t)
+                h = self.hidden(b.x, b.attention_mask)
+                _, ce, kl = self.eval_kl(h, self.model.lm_head.weight, b.x, b.attention_mask,
+                                         b.loss_mask, teacher=t)
             totals[:2] += torch.stack([ce.float().cpu(), kl.float().cpu()])
             if self.cognate:
-                figures = self.model.cognate_terms(counted_tokens(b.x, b.attention_mask, b.loss_mask))[1]
+                counted = counted_tokens(b.x, b.attention_mask, b.loss_mask)
+                figures = cognate.terms(self.model, counted)[1]
                 totals[3:] += torch.stack([figures[k].float().cpu() for k in self.cognate])
         self.model.train()
-        ce, kl, p_ce, *cognate = (all_sum(totals) / eval_iters).tolist()
+        ce, kl, p_ce, *figures = (all_sum(totals) / eval_iters).tolist()
         t_ce = p_ce if self.projector is not None else t_ce
         return {'val_ce': ce, 'val_ppl': math.exp(ce), 'val_kl': kl, 'teacher_val_ce': t_ce,
-                'teacher_val_ppl': math.exp(t_ce), **{f'val_{k}': v for k, v in zip(self.cognate, cognate)}}
+                'teacher_val_ppl': math.exp(t_ce),
+                **{f'val_{k}': v for k, v in zip(self.cognate, figures)}}
+
+
+def options_for_run(config, model, teacher_model, data, own_vocab):
+    """train.py's options, each None when off: (the modules trained beside the student and thrown
+    away after, Distill's keyword arguments for them). Matching's projections to the teacher's width
+    (matching.py), an own tokenizer's projector (vocab.py), on-policy batches (onpolicy.py)."""
+    c, aux = config, torch.nn.ModuleDict()
+    matching = Matching.for_run(model.config, teacher_model.config, c['layer_map'],
+                                c['feature_weight'], c['attention_weight'], c['feature_loss'])
+    if matching and matching.features is not None:
+        aux['features'] = matching.features
+    if own_vocab:
+        aux['projector'] = vocab.Projector(teacher_model.config.hidden_size, model.config.n_embd)
+    onpolicy = OnPolicy.for_data(c['onpolicy_frac'], c['onpolicy_temperature'], data, c['seed']) \
+        if c['onpolicy_frac'] else None
+    return aux, dict(matching=matching, projector=aux['projector'] if own_vocab else None,
+                     onpolicy=onpolicy)

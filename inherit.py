@@ -10,18 +10,16 @@ The rest is a student shape too (model.py): RMSNorm, a SwiGLU MLP, grouped key/v
 an untied head. init_from='teacher' builds the student this way (train.py), pruned to smaller sizes if the
 settings ask for them (prune.py); tests/test_inherit.py holds its logits to the Hugging Face teacher's.
 
-    from inherit import build_student, student_from_teacher
-    model, model_args, kept = student_from_teacher('smollm2-135m-instruct', model_args)  # every size 0: the teacher
-    model, model_args, inherited = build_student(config, data, vocab_size, teacher, resumed, where)  # train.py's
+    import inherit
+    model, model_args, kept = inherit.student_from_teacher('smollm2-135m-instruct', model_args)  # the teacher
+    model, model_args, inherited = inherit.for_run(config, data, model_args, teacher)  # train.py's
 """
 import time
-from dataclasses import fields
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import prune
-from checkpoint import resume_shape
 from model import SIZES, Indra, IndraConfig
 from teacher import resolve
 
@@ -137,23 +135,16 @@ def student_from_teacher(spec, model_args, calibration=None, keep_layers=()):
     return small, args, kept
 
 
-def build_student(config, data, vocab_size, teacher, resumed, where):
-    """(student, the model_args that build it, what it inherited or None) for train.py's settings. init_from=
-    'teacher': the teacher's weights and shapes, pruned to the sizes the settings give (calibrated on prune_batches
-    training batches drawn apart from the training order); a resume: the checkpoint's shape (its weights come
-    after, with restore()); otherwise the settings' shape, from scratch. What it inherited goes into every
-    checkpoint: {'teacher': spec, 'kept': the kept layers, channels, neurons and groups, or None}."""
-    model_args = {**{k.name: config[k.name] for k in fields(IndraConfig) if k.name != 'vocab_size'},
-                  'vocab_size': vocab_size}
-    if config['init_from'] == 'teacher':
-        gen = torch.Generator().manual_seed(config['seed'] + 1)
+def for_run(config, data, model_args, teacher):
+    """train.py's student for init_from='teacher': (student, the model_args that build it, what it inherited).
+    The teacher's weights and shapes, pruned to the sizes the settings give (calibrated on prune_batches training
+    batches drawn apart from the training order). What it inherited goes into every checkpoint: {'teacher': spec,
+    'kept': the kept layers, channels, neurons and groups, or None}."""
+    gen = torch.Generator().manual_seed(config['seed'] + 1)
 
-        def calibration():
-            drawn = [data.batch('train', gen) for _ in range(config['prune_batches'])]
-            return [(b.x.cpu(), None if b.attention_mask is None else b.attention_mask.cpu()) for b in drawn]
-        model, model_args, kept = student_from_teacher(teacher, model_args, calibration, config['keep_layers'])
-        print(f"student from the teacher's weights: {model.config.describe()}")
-        return model, model_args, {'teacher': teacher, 'kept': kept}
-    if resumed is not None:
-        model_args = resume_shape(resumed, model_args, where)
-    return Indra(IndraConfig(**model_args)), model_args, resumed and resumed.get('inherited')
+    def calibration():
+        drawn = [data.batch('train', gen) for _ in range(config['prune_batches'])]
+        return [(b.x.cpu(), None if b.attention_mask is None else b.attention_mask.cpu()) for b in drawn]
+    model, model_args, kept = student_from_teacher(teacher, model_args, calibration, config['keep_layers'])
+    print(f"student from the teacher's weights: {model.config.describe()}")
+    return model, model_args, {'teacher': teacher, 'kept': kept}

@@ -154,6 +154,32 @@ def choose_dtype(requested, device, width, saved=None, timings=None):
     return name, f"dtype auto: {name}, {why} ({timing})"
 
 
+def run_dtype(requested, device, width, saved, master, ddp):
+    """choose_dtype for a run, once: rank 0 measures (width() gives the width the probe runs at) and every
+    rank takes its choice; saved: the dtype of the checkpoint a run resumes (kept with 'auto'), or None."""
+    choice = list(choose_dtype(requested, device, width(), saved=saved)) if master else [None, None]
+    if ddp:
+        dist.broadcast_object_list(choice, src=0)
+    return tuple(choice)
+
+
+def compiled(module, batch, autocast):
+    """torch.compile module now, on a real batch (a data.Batch), so that the first timed step is not the
+    compilation; where it cannot compile (no C++ compiler, an unsupported platform), say so in one line and
+    return module as it is. The RNG is left as it was (dropout draws from it)."""
+    print("compiling the student (torch.compile; a minute or so on a CPU)")
+    try:
+        fast = torch.compile(module)
+        with torch.random.fork_rng(), autocast:
+            fast(batch.x, batch.attention_mask).sum().backward()
+        module.zero_grad(set_to_none=True)
+        return fast
+    except Exception as e:
+        print(f"indra: torch.compile is unavailable here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}); running the student uncompiled")
+        return module
+
+
 def peak_flops(device, dtype, seconds=1.0):
     """(FLOP/s, where it came from), or (None, why not): looked up per GPU; on CPU the best rate of square
     matmuls in dtype (a name or a torch dtype). The size doubles from 128 while one product takes under a
@@ -201,6 +227,12 @@ class Peak:
                     f"faster than {self.source}")
             self.flops, self.source = achieved, 'the fastest step so far'
         return achieved / self.flops, note
+
+    def line(self, student_flops, teacher_flops):
+        """The FLOPs per token of a step (student forward and backward, teacher forward) and this peak."""
+        peak = '%.3f TFLOP/s' % (self.flops / 1e12) if self.flops else 'no peak'
+        return (f"FLOPs per token: student {student_flops / 1e6:.1f}M (fwd+bwd) + teacher "
+                f"{teacher_flops / 1e6:.1f}M (fwd); MFU against {peak}: {self.source}")
 
 
 def memory(device_type):

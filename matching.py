@@ -18,7 +18,7 @@ the mean of the student's over its heads of unit u (a mean of distributions is a
 between attention distributions, rather than an MSE on them, follows MiniLM (Wang et al. 2020).
 Each loss is the mean over pairs of the mean over real tokens (attention_mask == 1), in fp32.
 
-    from matching import FeatureMatcher, attention_loss, head_groups, layer_map, teacher_internals
+    from matching import FeatureMatcher, attention_loss, head_groups, layer_map, student_internals, teacher_internals
     tc = teacher.config
     pairs = layer_map(student.config.n_layer, tc.num_hidden_layers)  # e.g. 6 of 30: [(1, 5), ..., (6, 30)]
     head_groups(student.config.n_head, tc.num_attention_heads, tc.num_key_value_heads)  # fails early if no match
@@ -26,7 +26,7 @@ Each loss is the mean over pairs of the mean over real tokens (attention_mask ==
     s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
     with torch.no_grad():
         t_last, t_in = teacher_internals(teacher, idx, am, layers=t_layers, attention_layers=t_layers)
-    h, s_in = student.hidden_states(idx, am, layers=s_layers, attention_layers=s_layers)
+    h, s_in = student_internals(student, idx, am, layers=s_layers, attention_layers=s_layers)
     loss = (distill(h, t_last) + w_feat * matcher(s_in['hidden'], t_in['hidden'], am)
             + w_att * attention_loss(s_in['attention'], t_in['attention'], pairs, am, tc.num_key_value_heads))
 
@@ -36,13 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cognate
+from attention import additive_mask, rotate
+
 KINDS = ('mse', 'cosine')
 
 
 def layer_map(n_student, n_teacher, pairs=None):
     """[(student_block, teacher_layer), ...]: evenly spaced by default, or the user's pairs, checked.
 
-    Student blocks are numbered 1..n_student (Indra.hidden_states). Teacher layers index Hugging Face's
+    Student blocks are numbered 1..n_student (student_internals). Teacher layers index Hugging Face's
     output_hidden_states: 0 is the embeddings, n_teacher the last layer; HF applies the final norm to that
     last entry (it is last_hidden_state), unlike the others: one reason FeatureMatcher normalizes targets.
     """
@@ -96,6 +99,67 @@ def teacher_internals(model, idx, attention_mask=None, layers=(), attention_laye
                                f"matching needs a model that supports output_attentions: turn it off for this teacher")
         extras['attention'] = {t: out.attentions[t - 1] for t in attention_layers}  # attentions[0] is layer 1's
     return out.last_hidden_state, extras
+
+
+def student_internals(model, idx, attention_mask, layers, attention_layers):
+    """(h, {'hidden': {i: (B, T, n_embd)}, 'attention': {i: (B, n_head, T, T)}}) from one forward of the Indra model:
+    h its final normed hidden states (Indra.hidden_states), and the output (before any final norm) of each block
+    in layers and the attention probabilities of each in attention_layers, blocks numbered 1..n_layer (of the last
+    pass, for a Cognate student). Only the blocks in attention_layers leave the fused kernel to materialize their
+    T x T weights (with_weights); gradient checkpointing recomputes them as they ran."""
+    n = model.config.n_layer
+    wrong = sorted({*layers, *attention_layers} - set(range(1, n + 1)))
+    if wrong:
+        raise ValueError(f"student block {wrong[0]} does not exist: blocks are numbered 1..{n}")
+    T = idx.size(1)
+    assert T <= model.config.block_size, f"sequence of {T} tokens > block_size {model.config.block_size}"
+    mask = None if attention_mask is None else additive_mask(attention_mask, T, idx.device)
+    inside, last = {'hidden': {}, 'attention': {}}, (model.config.recursions - 1) * n  # the last pass's first
+
+    def step(k, block, x):
+        i = k - last + 1  # the block's number in the last pass (below 1 in the passes before it)
+        if i in attention_layers:
+            x, inside['attention'][i] = model.run(with_weights, block, x, mask)
+        else:
+            x = model.run(block, x, mask)
+        if i in layers:
+            inside['hidden'][i] = x
+        return x
+
+    return model.norm_f(cognate.passes(model, model.drop(model.wte(idx)), step)), inside
+
+
+def with_weights(module, x, mask):
+    """(module(x, mask), the attention probabilities (B, n_head, T, T) fp32 of its ComplexAttention): a Block, whose
+    attn it is, or a ComplexAttention. That attention computes through attend_explicit meanwhile (the same output
+    as its kernel, within rounding), so gradients flow through the probabilities. A query that sees no key (a
+    left-padding position) gets zero weights. Gradient checkpointing may call it again in backward: the same."""
+    attn, kept = getattr(module, 'attn', module), []
+
+    def kernel(q, k, v, cos, sin, m, scale):
+        y, att = attend_explicit(q, k, v, cos, sin, m, scale)
+        kept.append(att)
+        return y
+
+    attn.kernel = kernel
+    try:
+        x = module(x, mask)
+    finally:
+        attn.kernel = None
+    att = kept[0]
+    return x, (att if mask is None else att.masked_fill(torch.isneginf(mask).all(dim=-1, keepdim=True), 0.0))
+
+
+def attend_explicit(q, k, v, cos, sin, mask, scale):
+    """attention.attend_sdpa's computation spelled out, for when the probabilities themselves are wanted: scores
+    and softmax as plain ops. mask: (B|1, 1, T, T) additive, or None for causal only. Returns y (B, nh, T, hs) in the
+    input dtype and the probabilities (B, nh, T, T) in fp32 (a KL over keys takes their log; bf16 would round)."""
+    if mask is None:
+        mask = additive_mask(None, q.size(2), q.device)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    scores = (q @ k.transpose(-2, -1)) * scale + mask.to(q.dtype)  # (B, nh, T, T)
+    att = torch.softmax(scores.float(), dim=-1)
+    return att.to(v.dtype) @ v, att
 
 
 def real_mean(x, attention_mask):
@@ -226,6 +290,18 @@ class Matching:
         return (f"matching student blocks to teacher layers {self.pairs}: " + ', '.join(
             f"{name} x{w:g}" for name, w in (('features', self.feature_weight), ('attention', self.attention_weight))
             if w))
+
+    @property
+    def logged(self):
+        """The names of the matching losses in the log, those switched on."""
+        return ['feature'] * bool(self.feature_weight) + ['attention'] * bool(self.attention_weight)
+
+    def add_losses(self, loss, parts, mine, inside, attention_mask):
+        """loss + weight x each matching loss, in the order of losses(); each is also put in parts."""
+        for k, part in self.losses(mine, inside, attention_mask).items():
+            parts[k] = part
+            loss = loss + self.weight[k] * part
+        return loss
 
     def losses(self, mine, inside, attention_mask):
         """{'feature': ..., 'attention': ...} (those switched on) from the student's and the teacher's insides

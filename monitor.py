@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from tokenizer import chat_prompt
+
 # Fixed prompts for the mode-collapse watch: seed 001's test questions for chat data, a line of verse otherwise.
 WATCH_PROMPTS = {'chat': ['If a store has 15 apples and sells 7, how many are left?', 'What is 25 + 17?',
                           'The capital of France is Paris. What is the capital of France?'],
@@ -82,6 +84,28 @@ def watch(model, prompts, texts, encode, decode, tokens, seed, block_size, autoc
             results.append({'prompt': prompt, 'sample': decode(new), **repetition(new)})
     model.train()
     return results
+
+
+class Watch:
+    """A run's collapse watch: `tokens` tokens sampled from fixed prompts at every evaluation (in the chat
+    template on chat data, with the questions of the Cognate recipe), and how repetitive they are."""
+
+    def __init__(self, data, tokenizer, tokens, seed, autocast, device):
+        chat = data.meta.get('chat')
+        self.prompts = WATCH_PROMPTS['chat' if chat else 'text']
+        self.texts = [chat_prompt(tokenizer, p) if chat else p for p in self.prompts]
+        self.data, self.tokens, self.seed, self.autocast, self.device = data, tokens, seed, autocast, device
+
+    def sample(self, model, block_size):
+        """The samples and their worst figures, for the evaluation's record."""
+        samples = watch(model, self.prompts, self.texts, self.data.encode, self.data.decode, self.tokens,
+                        self.seed, block_size, self.autocast, self.device)
+        return dict(watch=samples, watch_distinct_2=min(r['distinct_2'] for r in samples),
+                    watch_top_share=max(r['top_share'] for r in samples))
+
+    @staticmethod
+    def lines(samples):
+        return '\n'.join(watch_lines(samples))
 
 
 def step_line(r, logged, memory):
@@ -148,6 +172,12 @@ class Records:
             aim = require('aim', 'aim_log')
             self.aim = aim.Run(repo=aim_repo or str(out_dir), experiment=wandb_project)
             self.aim['hparams'] = config
+
+    @classmethod
+    def for_run(cls, out_dir, config, resume):
+        """The records of a train.py run, with the trackers its settings switch on."""
+        keys = ('wandb_log', 'wandb_project', 'wandb_run_name', 'wandb_mode', 'aim_log', 'aim_repo')
+        return cls(out_dir, config, resume, **{k: config[k] for k in keys})
 
     def log(self, record):
         with open(self.path, 'a') as f:

@@ -19,6 +19,8 @@ micro-step): no new state, so a resumed run, and a run on any number of ranks, s
     if policy.chosen(step, micro_step):
         batch = policy.sampled(model, batch, step, micro_step, autocast)   # a data.Batch with sampled=True
 """
+import copy
+
 import numpy as np
 import torch
 
@@ -61,6 +63,14 @@ def answer_batch(prompts, answers, eos_id, block_size, device, sampled=True):
     return Batch(x.to(device), am.to(device), lm.to(device), sampled=sampled)
 
 
+def divergence_only(criterion):
+    """The criterion for the student's own answers: the divergence alone (kd_weight 1), as in GKD; the CE
+    on its own tokens is only logged."""
+    criterion = copy.copy(criterion)
+    criterion.kd_weight = 1.0
+    return criterion
+
+
 class OnPolicy:
     """frac: the share of micro-steps the student answers (GKD's lambda); temperature: their sampling temperature
     (0: greedy); max_new_tokens: the longest answer to sample (the data's longest recorded answer); eos_id: the end
@@ -81,6 +91,11 @@ class OnPolicy:
     def chosen(self, step, micro_step):
         """Whether this micro-step trains on the student's own answers."""
         return draws(self.seed, step, micro_step)[0] / 2 ** 32 < self.frac
+
+    def batch(self, model, b, step, micro_step, autocast):
+        """The batch to learn from at this micro-step: b, or on a chosen micro-step the student's own
+        answers to its prompts (sampled())."""
+        return self.sampled(model, b, step, micro_step, autocast) if self.chosen(step, micro_step) else b
 
     @torch.no_grad()
     def sampled(self, model, b, step, micro_step, autocast):

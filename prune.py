@@ -42,7 +42,7 @@ def importance(model, batches):
 
     def block_hook(i):  # Block Influence of block i: how far it turns each token's residual vector
         def hook(module, args, out):
-            sums['blocks'][i] += mean(1 - F.cosine_similarity(args[0].float(), out[0].float(), dim=-1))
+            sums['blocks'][i] += mean(1 - F.cosine_similarity(args[0].float(), out.float(), dim=-1))
         return hook
 
     def norm_hook(module, args, out):

@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 
 import huggingface_hub
@@ -178,6 +179,21 @@ def load_tokenizer(spec, path=None):
     return tok, tiktoken_from_hf(tok, teacher_slug(spec))
 
 
+def load_for_run(config, dtype, device):
+    """train.py's teacher: load_teacher with the run's settings, its size and load time printed, its head
+    checked. Returns (model, tokenizer, enc, the width of its logits, which may exceed its tokenizer's)."""
+    t0, spec = time.time(), config['teacher']
+    print(f"loading teacher {spec} ({config['dtype']}, {device})")
+    model, tokenizer, enc = load_teacher(spec, dtype=dtype, device=device,
+                                         quantization=config['teacher_quantization'],
+                                         device_map=config['teacher_device_map'])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    print(f"teacher {spec}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{vocab} logits, loaded in {time.time() - t0:.1f}s")
+    check_linear_head(model, len(tokenizer))
+    return model, tokenizer, enc, vocab
+
+
 def load_teacher(spec, dtype=torch.float32, device='cpu', quantization='none', device_map=''):
     """(model, tokenizer, enc): the teacher in eval mode, frozen, on device, optionally 4/8-bit quantized.
     device_map='auto' instead spreads its layers over every visible GPU (accelerate fills them in order, the
@@ -242,6 +258,16 @@ def check_linear_head(model, vocab_size):
 
 def targets_dir(data_dir, top_k, temperature, block_size):
     return pathlib.Path(data_dir) / f'targets-k{top_k}-T{temperature:g}-b{block_size}'
+
+
+def targets_cache(data, config, data_path, device, dtype, loaded):
+    """train.py with teacher_targets='cache': build the cache if it is not complete, and train data (a
+    data.Data) on it. loaded: the teacher (model, tokenizer) already in memory."""
+    c = config
+    data.open_cache(build_targets(c['teacher'], data_path, c['targets_top_k'], c['temperature'],
+                                  c['block_size'], device=device, dtype=dtype, loaded=loaded))
+    print(f"training on cached teacher targets: {data.cache['blocks']} blocks, top {c['targets_top_k']} "
+          f"at T={c['temperature']:g}")
 
 
 def build_targets(spec, data_dir, top_k=64, temperature=2.0, block_size=256, batch_size=8,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attention import ComplexAttention, additive_mask, attend_reference, rotary_phases
+from matching import with_weights
 
 
 def make(B=2, nh=3, T=12, hs=8, dtype=torch.float32, seed=0):
@@ -159,9 +160,10 @@ def test_need_weights_equals_sdpa_and_gives_the_probabilities(padded):
         torch.manual_seed(1)
         attn = ComplexAttention(48, 3, 16, attn_impl='sdpa')
         xi = x.clone().requires_grad_(True)
-        y = attn(xi, mask, need_weights=need)
         if need:
-            y, att = y
+            y, att = with_weights(attn, xi, mask)
+        else:
+            y = attn(xi, mask)
         y.square().sum().backward()
         outs.append(y)
         grads.append((xi.grad, attn.qkv.weight.grad))
@@ -176,7 +178,7 @@ def test_need_weights_equals_sdpa_and_gives_the_probabilities(padded):
     rows = att.sum(-1)  # (B, nh, T): 1 for a query that sees a key, 0 for a left-padding query that sees none
     assert torch.allclose(rows, visible.any(-1).float(), atol=1e-6)
     attn.zero_grad()
-    _, att = attn(x, mask, need_weights=True)
+    _, att = with_weights(attn, x, mask)
     (att * torch.randn_like(att)).sum().backward()  # a loss on the weights alone reaches q and k
     assert torch.isfinite(attn.qkv.weight.grad).all() and attn.qkv.weight.grad[:96].abs().sum() > 0
 

@@ -11,7 +11,8 @@ import torch
 
 from checkpoint import (atomic_file, load_checkpoint, open_run, restore, resume_shape, save, snapshot, trim_log,
                         write_atomic)
-from model import EMA, Indra, IndraConfig
+from model import Indra, IndraConfig
+from optim import EMA
 
 ARGS = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
 

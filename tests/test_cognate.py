@@ -4,6 +4,7 @@ Run: python -m pytest tests/test_cognate.py"""
 import pytest
 import torch
 
+import cognate
 from cognate import act_stats, act_weights, decaying_memory
 from losses import counted_tokens
 from model import Indra, IndraConfig
@@ -34,7 +35,7 @@ def test_act_combines_the_passes_as_the_loop_does():
         s, states = model.wte(x), []
         for _ in range(3):
             for block in model.blocks:
-                s = block(s, None)[0]
+                s = block(s, None)
             states.append(s)
         hs = [torch.sigmoid(model.halt(torch.nn.functional.rms_norm(s, (32,)))).squeeze(-1) for s in states[:2]]
         p = act_weights(torch.stack(hs, -1))
@@ -62,7 +63,7 @@ def test_act_figures_and_the_diversity_term_count_real_tokens_only():
     am[0, :4] = 0
     model(x, am)
     counted = counted_tokens(x, am)
-    loss, figures = model.cognate_terms(counted)
+    loss, figures = cognate.terms(model, counted)
     passes, var = act_stats(model.cognate['halt'], model.cognate['p'], counted)
     assert loss.item() == pytest.approx(0.5 * passes.item() + 2.0 * max(0.0, 0.2 - var.item()), abs=1e-6)
     assert set(figures) == {'passes', 'halt_var', 'gate'} and 1.0 <= figures['passes'] <= 3.0

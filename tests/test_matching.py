@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention import additive_mask
-from matching import FeatureMatcher, attention_loss, head_groups, layer_map, teacher_internals
+from matching import FeatureMatcher, attention_loss, head_groups, layer_map, student_internals, teacher_internals
 from model import Indra, IndraConfig
 
 
@@ -241,7 +241,7 @@ def test_one_step_on_feature_and_attention_matching_lowers_it(tiny_teacher):
         _, t_in = teacher_internals(teacher, idx, am, layers=t_layers, attention_layers=t_layers)
 
     def loss():
-        _, s_in = student.hidden_states(idx, am, layers=s_layers, attention_layers=s_layers)
+        _, s_in = student_internals(student, idx, am, layers=s_layers, attention_layers=s_layers)
         return (matcher(s_in['hidden'], t_in['hidden'], am)
                 + attention_loss(s_in['attention'], t_in['attention'], pairs, am, tc.num_key_value_heads))
 

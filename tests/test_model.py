@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from model import EMA, Indra, IndraConfig, filter_logits
+from kvcache import KVCache
+from matching import student_internals, with_weights
+from model import Indra, IndraConfig, filter_logits
+from optim import EMA
 
 
 def tiny(**kw):
@@ -105,10 +108,10 @@ def test_the_key_value_cache_gives_the_full_forward(shape, attn_impl):
     am[0, :3] = 0
     with torch.no_grad():
         full = m.hidden_states(idx, am)
-        cache, parts = [{} for _ in m.blocks], []
+        cache, parts = KVCache(m), []
         for a, b in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 12)]:
-            parts.append(m.hidden_states(idx[:, a:b], am[:, :b], cache=cache))
-    assert cache[0]['k'].shape == (2, m.config.n_kv_head, 12, m.config.head_dim)  # kept before the GQA repeat
+            parts.append(cache.hidden_states(idx[:, :b], am[:, :b]))  # the tokens a..b-1
+    assert cache.slots[0]['k'].shape == (2, m.config.n_kv_head, 12, m.config.head_dim)  # kept before the GQA repeat
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
@@ -214,13 +217,13 @@ def test_hidden_states_extras_match_a_manual_loop():
     from attention import additive_mask
     m = tiny(n_layer=3).eval()
     idx, am = padded_batch()
-    h, extras = m.hidden_states(idx, am, layers=(1, 3), attention_layers=(2, 3))
+    h, extras = student_internals(m, idx, am, layers=(1, 3), attention_layers=(2, 3))
     assert torch.allclose(h, m.hidden_states(idx, am), atol=1e-6)  # blocks 2, 3 left the fused kernel: rounding
     assert sorted(extras['hidden']) == [1, 3] and sorted(extras['attention']) == [2, 3]
     mask = additive_mask(am, 10, 'cpu')
     x = m.wte(idx)
     for i, block in enumerate(m.blocks, start=1):
-        a, att = block.attn(block.norm1(x), mask, need_weights=True)
+        a, att = with_weights(block.attn, block.norm1(x), mask)
         x = x + a
         x = x + block.mlp(block.norm2(x))
         if i in extras['hidden']:
@@ -233,7 +236,7 @@ def test_hidden_states_extras_match_a_manual_loop():
         assert (att.masked_select(~visible) == 0).all()
         assert torch.allclose(att.sum(-1), visible.any(-1).float().expand(2, 2, 10), atol=1e-6)
     with pytest.raises(ValueError, match=r'block 4 does not exist: blocks are numbered 1\.\.3'):
-        m.hidden_states(idx, am, layers=(4,))
+        student_internals(m, idx, am, layers=(4,), attention_layers=())
 
 
 def test_hidden_states_extras_with_gradient_checkpointing():
@@ -242,7 +245,7 @@ def test_hidden_states_extras_with_gradient_checkpointing():
     results = []
     for ckpt in (False, True):
         m = tiny(gradient_checkpointing=ckpt).train()
-        h, extras = m.hidden_states(idx, am, layers=(1, 2), attention_layers=(1,))
+        h, extras = student_internals(m, idx, am, layers=(1, 2), attention_layers=(1,))
         w = torch.linspace(-1, 1, 100).view(10, 10)
         loss = h.square().mean() + extras['hidden'][1].mean() + (extras['attention'][1] * w).sum()
         loss.backward()
