@@ -147,12 +147,13 @@ def open_run(out_path, init_from, overwrite):
 def resume_shape(ckpt, model_args, where):
     """The model_args a resume builds: the checkpoint's shape. A shape setting of 0 means the checkpoint's value
     (as it meant the teacher's for init_from='teacher'), and so do mlp, qkv_bias, tie_head, rope_base and norm_eps
-    for a student that started from the teacher (they were the teacher's); any other setting that differs is one
-    line naming them all. Settings newer than the checkpoint take their defaults, which it was trained with."""
+    for a student that started from another model (they were that model's); any other setting that differs is one
+    line naming them all, block_size too (the data's blocks must fit the rotary phases the student was built
+    with). Settings newer than the checkpoint take their defaults, which it was trained with."""
     from model import SIZES, IndraConfig
     defaults = {f.name: f.default for f in fields(IndraConfig)}
     saved = {**defaults, **ckpt['model_args']}
-    keep = [k for k in SHAPE_KEYS if k not in SIZES] if ckpt.get('inherited') else []
+    keep = [k for k in SHAPE_KEYS if k not in SIZES + ('block_size',)] if ckpt.get('inherited') else []
     asked = {k: saved[k] if k in keep or (k in SHAPE_KEYS and v == 0 and not isinstance(v, bool)) else v
              for k, v in {**defaults, **model_args}.items()}
     mine, theirs = asdict(IndraConfig(**asked)), asdict(IndraConfig(**saved))  # 0s resolved alike: head_dim, ...
