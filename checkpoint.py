@@ -106,20 +106,26 @@ def load_student(path, ema=False):
     """(the student in eval mode on CPU, the checkpoint): its weights, or with ema its EMA of them (one line when
     it has none, or when they do not fit the model)."""
     from model import Indra, IndraConfig
-    from optim import EMA
     ckpt = load_checkpoint(path)
     model = Indra(IndraConfig(**ckpt['model_args']))
+    load_weights(model, ckpt, path, ema, "drop --ema")
+    return model.eval(), ckpt
+
+
+def load_weights(model, ckpt, path, ema=False, fix="drop --ema"):
+    """Put the checkpoint's student weights into model, or with ema its EMA of them: one line when it has none
+    (fix: what to do then), or when they do not fit the model."""
+    from optim import EMA
     model.load_state_dict(ckpt['model'])
     if ema:
         if ckpt.get('ema') is None:
-            fail(f"{path} has no EMA weights (trained with ema_decay=0); drop --ema")
+            fail(f"{path} has no EMA weights (trained with ema_decay=0); {fix}")
         shadow = EMA(model, ckpt['ema']['decay'])
         try:
             shadow.load_state_dict(ckpt['ema'], path)
         except ValueError as e:  # names the tensor that does not fit (seed 002's EMA crash, as one line)
             fail(str(e))
         shadow.copy_to(model)
-    return model.eval(), ckpt
 
 
 @functools.cache  # the same files at every save of a run: written out once, on the first

@@ -24,6 +24,9 @@ from model import SIZES, Indra, IndraConfig
 from teacher import resolve
 
 ARCHITECTURES = {'llama': False, 'qwen2': True}  # model_type: q/k/v biases
+# how the refusals of pruned_shape name the model a student is cut from
+TEACHER = dict(who='the teacher has', whose="the teacher's", layers='teacher layers', how="init_from='teacher'",
+               alt=', or use --init_from=scratch')
 
 
 def fail(msg):
@@ -78,30 +81,35 @@ def student_shape(teacher_config, model_args, keep_layers=()):
     """(the teacher's shape, the student's) as model_args: the teacher's architecture, and each size the
     settings' where it is not 0 (smaller than the teacher's: pruned, prune.py), else the teacher's. Sizes that
     cannot be cut from the teacher are one line."""
-    shape = teacher_shape(teacher_config)
+    return pruned_shape(teacher_shape(teacher_config), model_args, keep_layers, TEACHER)
+
+
+def pruned_shape(shape, model_args, keep_layers, source):
+    """(shape under model_args, the shape cut to the settings' sizes): each size the settings' where it is not 0,
+    else shape's; sizes that cannot be cut from shape are one line naming the source (TEACHER, a stage's)."""
     full = {**model_args, **shape}
     args = {**full, **{k: model_args[k] for k in SIZES if model_args.get(k)}}
     for k in SIZES:
         if args[k] > shape[k]:
-            fail(f"--{k}={args[k]} but the teacher has {k}={shape[k]}: init_from='teacher' keeps or prunes the "
-                 f"teacher's sizes; set --{k}={shape[k]} or less (0: the teacher's), or use --init_from=scratch")
+            fail(f"--{k}={args[k]} but {source['who']} {k}={shape[k]}: {source['how']} keeps or prunes "
+                 f"{source['whose']} sizes; set --{k}={shape[k]} or less (0: {source['whose']}){source['alt']}")
     if keep_layers:
         if model_args.get('n_layer') not in (0, None, len(keep_layers)) or \
                 sorted(set(keep_layers)) != sorted(keep_layers) or not set(keep_layers) <= set(range(shape['n_layer'])):
-            fail(f"--keep_layers={list(keep_layers)} must name distinct teacher layers 0..{shape['n_layer'] - 1}, as "
-                 f"many as --n_layer={model_args.get('n_layer')} (0: as many as it names)")
+            fail(f"--keep_layers={list(keep_layers)} must name distinct {source['layers']} 0..{shape['n_layer'] - 1}, "
+                 f"as many as --n_layer={model_args.get('n_layer')} (0: as many as it names)")
         args['n_layer'] = len(keep_layers)
     if args['head_dim'] != shape['head_dim']:
-        fail(f"--head_dim={args['head_dim']}: pruning keeps each head whole, with the teacher's head_dim="
+        fail(f"--head_dim={args['head_dim']}: pruning keeps each head whole, with {source['whose']} head_dim="
              f"{shape['head_dim']}; set --head_dim=0")
-    group = shape['n_head'] // shape['n_kv_head']  # the teacher's query heads per key/value head
+    group = shape['n_head'] // shape['n_kv_head']  # the source's query heads per key/value head
     heads, kv = model_args.get('n_head') or 0, model_args.get('n_kv_head') or 0
     if heads and not kv and heads % group == 0:
         kv = args['n_kv_head'] = heads // group
     elif kv and not heads:
         heads = args['n_head'] = kv * group
     if (heads or kv) and heads != kv * group:
-        fail(f"--n_head={heads}, --n_kv_head={kv}: pruning keeps whole key/value groups of the teacher's {group} "
+        fail(f"--n_head={heads}, --n_kv_head={kv}: pruning keeps whole key/value groups of {source['whose']} {group} "
              f"query heads each ({shape['n_head']} over {shape['n_kv_head']}), so n_head must be {group} x n_kv_head")
     return full, args
 
@@ -122,6 +130,13 @@ def student_from_teacher(spec, model_args, calibration=None, keep_layers=()):
         params[name].copy_(torch.cat([weights[s] for s in sources], dim=0))
     if all(args[k] == full_args[k] for k in SIZES) and not keep_layers:
         return model, args, None
+    small, kept = cut(model, args, calibration, keep_layers, "the teacher's")
+    return small, args, kept
+
+
+def cut(model, args, calibration, keep_layers, whose):
+    """(model pruned to args, what it kept): importances measured on calibration() (prune.py), what was kept and the
+    calibration CE before and after printed, in the shape whose (e.g. "the teacher's")."""
     batches = calibration()
     t0 = time.time()
     scores = prune.importance(model, batches)
@@ -129,10 +144,20 @@ def student_from_teacher(spec, model_args, calibration=None, keep_layers=()):
     small = prune.prune(model, args, kept)
     print(prune.describe(kept, model.config, args, by_influence=not keep_layers))
     tokens = sum(x.numel() if m is None else m.sum().item() for x, m in batches)
-    print(f"calibration CE on {tokens:,} training tokens: {scores['ce']:.4f} with the "
-          f"teacher's shape, {prune.calibration_ce(small, batches):.4f} pruned (measured and cut in "
-          f"{time.time() - t0:.0f}s)")
-    return small, args, kept
+    print(f"calibration CE on {tokens:,} training tokens: {scores['ce']:.4f} with {whose} shape, "
+          f"{prune.calibration_ce(small, batches):.4f} pruned (measured and cut in {time.time() - t0:.0f}s)")
+    return small, kept
+
+
+def calibration(config, data):
+    """The batches pruning measures on: prune_batches training batches drawn apart from the training order (a
+    generator of their own), as [(x (B, T), attention_mask or None)] on CPU, drawn when called."""
+    gen = torch.Generator().manual_seed(config['seed'] + 1)
+
+    def draw():
+        drawn = [data.batch('train', gen) for _ in range(config['prune_batches'])]
+        return [(b.x.cpu(), None if b.attention_mask is None else b.attention_mask.cpu()) for b in drawn]
+    return draw
 
 
 def for_run(config, data, model_args, teacher):
@@ -140,11 +165,8 @@ def for_run(config, data, model_args, teacher):
     The teacher's weights and shapes, pruned to the sizes the settings give (calibrated on prune_batches training
     batches drawn apart from the training order). What it inherited goes into every checkpoint: {'teacher': spec,
     'kept': the kept layers, channels, neurons and groups, or None}."""
-    gen = torch.Generator().manual_seed(config['seed'] + 1)
-
-    def calibration():
-        drawn = [data.batch('train', gen) for _ in range(config['prune_batches'])]
-        return [(b.x.cpu(), None if b.attention_mask is None else b.attention_mask.cpu()) for b in drawn]
-    model, model_args, kept = student_from_teacher(teacher, model_args, calibration, config['keep_layers'])
+    model, model_args, kept = student_from_teacher(teacher, model_args, calibration(config, data),
+                                                   config['keep_layers'])
     print(f"student from the teacher's weights: {model.config.describe()}")
     return model, model_args, {'teacher': teacher, 'kept': kept}
+
