@@ -140,8 +140,12 @@ def tokenizer_files(tokenizer):
 
 def open_run(out_path, init_from, overwrite):
     """The checkpoint a run resumes (None for a fresh one), or one line when out_path does not fit init_from.
-    Called before anything is written: a fresh run never overwrites a checkpoint unless told to."""
+    Called before anything is written: a fresh run never overwrites a checkpoint unless told to, and a stage
+    (init_from a checkpoint's path) never starts from its own out_dir's."""
     ckpt = Path(out_path) / 'ckpt.pt'
+    if init_from.endswith('.pt') and Path(init_from).resolve() in (ckpt.resolve(), ckpt.with_name('best.pt').resolve()):
+        fail(f"--init_from={init_from} is this run's own checkpoint (--out_dir={out_path}); continue it with "
+             f"--init_from=resume, or start a new stage from it in another --out_dir")
     if init_from != 'resume' and ckpt.exists() and not overwrite:
         fail(f"{ckpt} exists; continue it with --init_from=resume, or start over with another --out_dir or "
              f"--overwrite=True")
@@ -150,7 +154,7 @@ def open_run(out_path, init_from, overwrite):
     return load_checkpoint(ckpt) if init_from == 'resume' else None  # readable? fail now, not later
 
 
-def resume_shape(ckpt, model_args, where):
+def resume_shape(ckpt, model_args, where, fix="resume with the checkpoint's settings"):
     """The model_args a resume builds: the checkpoint's shape. A shape setting of 0 means the checkpoint's value
     (as it meant the teacher's for init_from='teacher'), and so do mlp, qkv_bias, tie_head, rope_base and norm_eps
     for a student that started from another model (they were that model's); any other setting that differs is one
@@ -168,7 +172,7 @@ def resume_shape(ckpt, model_args, where):
     if differ:
         fail(f"{where} holds a student with " + ", ".join(f"{k}={theirs[k]}" for k in differ)
              + " but this run asks for " + ", ".join(f"{k}={mine[k]}" for k in differ)
-             + "; resume with the checkpoint's settings")
+             + f"; {fix}")
     return asked
 
 
