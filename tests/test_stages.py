@@ -1,9 +1,10 @@
 """Stages: a run that starts from another run's checkpoint (init_from=path/to/ckpt.pt, inherit.from_checkpoint).
 It starts from exactly that student (the same held-out CE, the same logits) with a fresh optimizer, schedule, step
 counter and log; pruned, it keeps exactly the slices it records; it resumes exactly; its EMA starts from the loaded
-weights (or the student is the checkpoint's EMA); and it goes on with the checkpoint's data order. The bad inputs
-are in tests/test_recovery.py's BAD table. Every run starts from the tiny random teacher's own weights (a SwiGLU
-student with 4 query heads over 2 key/value heads, 2 layers of 32, MLP 64), trained for 4 steps.
+weights (or the student is the checkpoint's EMA); it goes on with the checkpoint's data order; a student with its
+own tokenizer keeps it and its projector. The bad inputs are rows of tests/test_recovery.py's BAD table. The stages
+start from `first`: the tiny random teacher's own weights (a SwiGLU student with 4 query heads over 2 key/value
+heads, 2 layers of 32, MLP 64) trained for 4 steps.
 Run: python -m pytest tests/test_stages.py"""
 import shutil
 from pathlib import Path
@@ -46,7 +47,8 @@ def second(first, tiny_teacher, tiny_data, tmp_path_factory):
 
 
 def in_process(path, tiny_teacher, tiny_data, **settings):
-    """What train.py's stage calls build, here: (student, its model_args, what it inherited, the stage's data)."""
+    """What train.py's stage calls build, in this process: (the student in eval mode, its model_args, what it
+    inherited, the stage as from_checkpoint leaves it for carry_over)."""
     config = {**TRAIN, 'teacher': tiny_teacher, 'data_dir': str(tiny_data), 'init_from': str(path), 'batch_size': 4,
               'block_size': 64, 'dtype': 'float32', **TEACHER_SIZES, **settings}
     stage = inherit.open_stage(config)
