@@ -106,20 +106,26 @@ def load_student(path, ema=False):
     """(the student in eval mode on CPU, the checkpoint): its weights, or with ema its EMA of them (one line when
     it has none, or when they do not fit the model)."""
     from model import Indra, IndraConfig
-    from optim import EMA
     ckpt = load_checkpoint(path)
     model = Indra(IndraConfig(**ckpt['model_args']))
+    load_weights(model, ckpt, path, ema, "drop --ema")
+    return model.eval(), ckpt
+
+
+def load_weights(model, ckpt, path, ema=False, fix="drop --ema"):
+    """Put the checkpoint's student weights into model, or with ema its EMA of them: one line when it has none
+    (fix: what to do then), or when they do not fit the model."""
+    from optim import EMA
     model.load_state_dict(ckpt['model'])
     if ema:
         if ckpt.get('ema') is None:
-            fail(f"{path} has no EMA weights (trained with ema_decay=0); drop --ema")
+            fail(f"{path} has no EMA weights (trained with ema_decay=0); {fix}")
         shadow = EMA(model, ckpt['ema']['decay'])
         try:
             shadow.load_state_dict(ckpt['ema'], path)
         except ValueError as e:  # names the tensor that does not fit (seed 002's EMA crash, as one line)
             fail(str(e))
         shadow.copy_to(model)
-    return model.eval(), ckpt
 
 
 @functools.cache  # the same files at every save of a run: written out once, on the first
@@ -134,8 +140,12 @@ def tokenizer_files(tokenizer):
 
 def open_run(out_path, init_from, overwrite):
     """The checkpoint a run resumes (None for a fresh one), or one line when out_path does not fit init_from.
-    Called before anything is written: a fresh run never overwrites a checkpoint unless told to."""
+    Called before anything is written: a fresh run never overwrites a checkpoint unless told to, and a stage
+    (init_from a checkpoint's path) never starts from its own out_dir's."""
     ckpt = Path(out_path) / 'ckpt.pt'
+    if init_from.endswith('.pt') and Path(init_from).resolve() in (ckpt.resolve(), ckpt.with_name('best.pt').resolve()):
+        fail(f"--init_from={init_from} is this run's own checkpoint (--out_dir={out_path}); continue it with "
+             f"--init_from=resume, or start a new stage from it in another --out_dir")
     if init_from != 'resume' and ckpt.exists() and not overwrite:
         fail(f"{ckpt} exists; continue it with --init_from=resume, or start over with another --out_dir or "
              f"--overwrite=True")
@@ -144,15 +154,16 @@ def open_run(out_path, init_from, overwrite):
     return load_checkpoint(ckpt) if init_from == 'resume' else None  # readable? fail now, not later
 
 
-def resume_shape(ckpt, model_args, where):
+def resume_shape(ckpt, model_args, where, fix="resume with the checkpoint's settings"):
     """The model_args a resume builds: the checkpoint's shape. A shape setting of 0 means the checkpoint's value
     (as it meant the teacher's for init_from='teacher'), and so do mlp, qkv_bias, tie_head, rope_base and norm_eps
-    for a student that started from the teacher (they were the teacher's); any other setting that differs is one
-    line naming them all. Settings newer than the checkpoint take their defaults, which it was trained with."""
+    for a student that started from another model (they were that model's); any other setting that differs is one
+    line naming them all, block_size too (the data's blocks must fit the rotary phases the student was built
+    with). Settings newer than the checkpoint take their defaults, which it was trained with."""
     from model import SIZES, IndraConfig
     defaults = {f.name: f.default for f in fields(IndraConfig)}
     saved = {**defaults, **ckpt['model_args']}
-    keep = [k for k in SHAPE_KEYS if k not in SIZES] if ckpt.get('inherited') else []
+    keep = [k for k in SHAPE_KEYS if k not in SIZES + ('block_size',)] if ckpt.get('inherited') else []
     asked = {k: saved[k] if k in keep or (k in SHAPE_KEYS and v == 0 and not isinstance(v, bool)) else v
              for k, v in {**defaults, **model_args}.items()}
     mine, theirs = asdict(IndraConfig(**asked)), asdict(IndraConfig(**saved))  # 0s resolved alike: head_dim, ...
@@ -161,7 +172,7 @@ def resume_shape(ckpt, model_args, where):
     if differ:
         fail(f"{where} holds a student with " + ", ".join(f"{k}={theirs[k]}" for k in differ)
              + " but this run asks for " + ", ".join(f"{k}={mine[k]}" for k in differ)
-             + "; resume with the checkpoint's settings")
+             + f"; {fix}")
     return asked
 
 

@@ -106,7 +106,13 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
         fail(f"--dtype={c.dtype!r}: choose auto (measured), bfloat16, float16 or float32")
     if c.dtype == 'float16' and device_type == 'cpu':
         fail("--dtype=float16 is for CUDA (CPU autocast runs bfloat16); on CPU use --dtype=auto, bfloat16 or float32")
-    for name, options in (('init_from', ('scratch', 'resume', 'teacher')), ('mlp', ('gelu', 'swiglu')),
+    if c.init_from not in ('scratch', 'resume', 'teacher') and not c.init_from.endswith('.pt'):
+        fail(f"--init_from={c.init_from!r}: choose scratch or resume or teacher, or the path of another run's "
+             f"checkpoint ending in .pt (e.g. out/best.pt: a stage, docs/stages.md)")
+    if c.init_from_ema and not c.init_from.endswith('.pt'):
+        fail("--init_from_ema=True starts from the EMA of the checkpoint --init_from names; pass "
+             "--init_from=path/to/best.pt, or --init_from_ema=False")
+    for name, options in (('mlp', ('gelu', 'swiglu')),
                           ('teacher_targets', ('live', 'cache')),
                           ('optimizer', ('adamw', 'adamw8bit', 'mugrokfast')),
                           ('feature_loss', ('mse', 'cosine'))):
@@ -179,8 +185,9 @@ def check_settings(config, device_type='cpu', ddp=False, world_size=1):
     if c.head_dim % 2 or (not c.head_dim and c.n_head and c.n_embd % (2 * c.n_head)):
         fail(f"a head's features are Re and Im halves, so head_dim must be even: head_dim={c.head_dim}, n_embd="
              f"{c.n_embd}, n_head={c.n_head}; set an even --head_dim or an n_head that divides n_embd / 2")
-    if not all(type(i) is int for i in c.keep_layers) or (c.keep_layers and c.init_from != 'teacher'):
-        fail(f"--keep_layers={c.keep_layers} names teacher layers to keep, e.g. [0, 14, 29], with --init_from=teacher")
+    if not all(type(i) is int for i in c.keep_layers) or (c.keep_layers and c.init_from in ('scratch', 'resume')):
+        fail(f"--keep_layers={c.keep_layers} names layers to keep, e.g. [0, 14, 29], with --init_from=teacher (the "
+             f"teacher's) or a checkpoint's path (its student's)")
     if c.rope_base <= 0 or c.norm_eps < 0:
         fail(f"--rope_base={c.rope_base} must be > 0 and --norm_eps={c.norm_eps} >= 0 (0: the machine epsilon)")
     if c.init_from == 'teacher' and own_vocab:

@@ -38,7 +38,7 @@ sys.stdout.reconfigure(line_buffering=True)  # each line shows at once, also in 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'  # checkpoints and logs
-init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/ckpt.pt) | 'teacher' (see its section below)
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/ckpt.pt) | 'teacher' | 'run/best.pt' (below)
 overwrite = False  # allow a fresh run in an out_dir that already holds a checkpoint
 eval_interval = 50  # optimizer steps between held-out evaluations (and checkpoints)
 eval_iters = 10  # held-out batches per evaluation (the same batches every time)
@@ -122,10 +122,11 @@ teacher_quantization = 'none'  # 'none' | '4bit' | '8bit' (bitsandbytes, CUDA on
 teacher_device_map = ''  # 'auto': spread the teacher over all visible GPUs (no torchrun)
 teacher_targets = 'live'  # 'live': the teacher runs every step | 'cache': its top-k, once
 targets_top_k = 64  # tokens per position kept in the cache
-# the student from the teacher, init_from='teacher' (inherit.py, docs/from-the-teacher.md):
-# a size of 0 is the teacher's, a smaller one prunes it
-keep_layers = []  # with a smaller n_layer: these teacher layers (0-based); [] = by Block Influence
+# the student from another model (inherit.py): init_from='teacher' (docs/from-the-teacher.md) or
+# 'other_run/best.pt', a stage (docs/stages.md); a size of 0 is that model's, a smaller prunes it
+keep_layers = []  # with a smaller n_layer: these of its layers (0-based); [] = by Block Influence
 prune_batches = 8  # training batches on which pruning measures what to keep
+init_from_ema = False  # a stage starts from the checkpoint's EMA of the weights instead
 # on-policy distillation (onpolicy.py, docs/onpolicy.md)
 onpolicy_frac = 0.0  # example data: this share of batches the student answers, the teacher grades
 onpolicy_temperature = 1.0  # the sampling temperature of those answers; 0 = greedy
@@ -171,6 +172,7 @@ micro_steps, schedule_iters, own_vocab, criterion = (
     derived[k] for k in ('micro_steps', 'schedule_iters', 'own_vocab', 'criterion'))
 out_path = Path(out_dir)
 resumed = open_run(out_path, init_from, overwrite)  # the checkpoint to resume, or None
+stage = inherit.open_stage(config)  # init_from=<a checkpoint>: it, checked now; else None
 seed_all(seed)
 # measured once on the student's width (the teacher's, for a student that inherits it)
 dtype, dtype_line = run_dtype(dtype, device, lambda: n_embd or teacher_config(teacher).hidden_size,
@@ -203,9 +205,11 @@ if teacher_targets == 'cache':  # the teacher's top-k targets, computed once
 # ---- the student -------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(IndraConfig) if f.name != 'vocab_size'}
 model_args['vocab_size'] = data.vocab_size or teacher_vocab  # an own tokenizer's, or the teacher's
-inherited = resumed and resumed.get('inherited')  # what a student cut from the teacher kept
+inherited = resumed and resumed.get('inherited')  # what a student from another model kept
 if init_from == 'teacher':  # the teacher's own weights, pruned to the sizes set
     model, model_args, inherited = inherit.for_run(config, data, model_args, teacher)
+elif stage:  # another run's student (a stage), pruned to the sizes set
+    model, model_args, inherited = inherit.from_checkpoint(stage, config, data, model_args)
 else:  # from scratch; a resume builds the checkpoint's shape, and restore() below its weights
     model_args = resume_shape(resumed, model_args, out_path / 'ckpt.pt') if resumed else model_args
     model = Indra(IndraConfig(**model_args))
@@ -229,6 +233,8 @@ if resumed is not None:
     print(f"resumed from {out_path / 'ckpt.pt'} at step {progress['iter_num']} "
           f"(best val CE {progress['best_val']:.4f})")
     resumed = None  # free it
+elif stage:  # a stage goes on with its checkpoint's data order (and own tokenizer's projector)
+    inherit.carry_over(stage, aux, data_gen)
 iter_num, evaluated, best_val, bad_evals, skipped_total = (progress[k] for k in progress)
 compile_on = data.batch('val', torch.Generator().manual_seed(0)) if compile else None
 distill = Distill(model, teacher_model, criterion, autocast, ddp, compile_on, **options)

@@ -83,6 +83,10 @@ def test_a_resume_must_match_what_was_saved(tmp_path):
         resume_shape(ckpt, {**ARGS, 'n_kv_head': 1}, 'ckpt.pt')
     with pytest.raises(SystemExit, match=r"holds a student with mlp=gelu but this run asks for mlp=swiglu"):
         resume_shape(ckpt, {**ARGS, 'mlp': 'swiglu'}, 'ckpt.pt')
+    inherited = {**ckpt, 'inherited': {'teacher': 't', 'kept': None}}  # mlp, ... are then the checkpoint's
+    assert resume_shape(inherited, {**ARGS, 'mlp': 'swiglu'}, 'ckpt.pt')['mlp'] == 'gelu'
+    with pytest.raises(SystemExit, match=r'holds a student with block_size=16 but this run asks for block_size=32'):
+        resume_shape(inherited, {**ARGS, 'block_size': 32}, 'ckpt.pt')  # its rotary phases stop at 16
     no_aux = {**build(), 'aux': torch.nn.ModuleDict()}
     with pytest.raises(SystemExit, match=r"trained with \['features'\] auxiliary modules, this run asks for none"):
         restore(ckpt, no_aux, torch.Generator(), False, 'ckpt.pt')

@@ -56,6 +56,9 @@ SETTINGS_BAD = [  # (override of train.py's defaults, words the one line must ho
     ({'dtype': 'float16'}, '--dtype=float16 is for CUDA'),
     ({'dtype': 'fp8'}, "--dtype='fp8': choose auto"),
     ({'init_from': 'hub'}, "--init_from='hub': choose scratch or resume or teacher"),
+    ({'init_from': 'out/best'}, "or the path of another run's checkpoint ending in .pt"),
+    ({'init_from_ema': True}, '--init_from_ema=True starts from the EMA of the checkpoint --init_from names'),
+    ({'keep_layers': [0, 2]}, "--keep_layers=[0, 2] names layers to keep"),
     ({'optimizer': 'sgd'}, "--optimizer='sgd': choose adamw or adamw8bit"),
     ({'total_batch_size': 1000, 'batch_size': 4, 'block_size': 64},
      'must be a positive multiple of batch_size x block_size = 256'),
@@ -89,6 +92,14 @@ def test_settings_that_cannot_work_are_one_line(override, words):
         check_settings({**TRAIN, **override})
     msg = str(e.value)
     assert msg.startswith('indra: ') and '\n' not in msg and words in msg, msg
+
+
+def test_a_checkpoint_path_is_an_init_from_whose_sizes_may_be_0():
+    sizes = {'n_layer': 0, 'n_head': 0, 'n_embd': 0}
+    for init_from in ('out/best.pt', '/runs/stage 1/ckpt.pt'):
+        check_settings({**TRAIN, **sizes, 'init_from': init_from, 'init_from_ema': True, 'keep_layers': [0, 3]})
+    with pytest.raises(SystemExit, match=r'--n_layer=0 must be a positive integer'):
+        check_settings({**TRAIN, **sizes})  # from scratch: sizes of its own
 
 
 def test_settings_say_what_follows_from_them():

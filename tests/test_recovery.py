@@ -172,7 +172,41 @@ BAD = [
     ('sample: no checkpoint', ['sample.py', '--ckpt={o}/nope.pt'], 'nope.pt not found'),
     ('sample: truncated checkpoint', ['sample.py', '--ckpt={truncated}'], 'cannot be read'),
     ('resume: truncated checkpoint', ['--init_from=resume', '--out_dir={truncated_dir}'], 'cannot be read'),
+    # a stage (init_from=another run's checkpoint): {stage}/<name>.pt are the finished run's ckpt.pt, altered (STAGES)
+    ('stage: no checkpoint', ['--init_from={stage}/nope.pt'], 'nope.pt not found'),
+    ('stage: truncated checkpoint', ['--init_from={truncated}'], 'cannot be read'),
+    ("stage: the run's own checkpoint", ['--init_from={o}/best.pt'], "own checkpoint (--out_dir="),
+    ('stage: another teacher', ['--init_from={stage}/teacher.pt'], "was distilled from teacher '/another/teacher'"),
+    ("stage: another teacher's tokenizer", ['--init_from={stage}/tokenizer.pt'],
+     'was trained with tokenizer 0123456789abcdef'),
+    ('stage: an own tokenizer, the run none', ['--init_from={stage}/own.pt'],
+     "reads its own tokenizer 'bpe512' and this run asks for the teacher's tokens"),
+    ('stage: the run an own tokenizer, the student none', ['--init_from={stage}/copy.pt', '--student_tokenizer=bpe512'],
+     "reads the teacher's tokens and this run asks for 'bpe512'"),
+    ('stage: a Cognate student pruned', ['--init_from={stage}/cognate.pt', '--recursions=2', '--n_layer=1'],
+     'is a Cognate student (recursions=2'),
+    ('stage: a GELU student pruned', ['--init_from={stage}/copy.pt', '--n_layer=1'], 'pruning needs a SwiGLU student'),
+    ('stage: a size beyond the checkpoint', ['--init_from={stage}/copy.pt', '--n_embd=64'],
+     '--n_embd=64 but the student in'),
+    ('stage: the EMA it has not', ['--init_from={stage}/copy.pt', '--init_from_ema=True'], 'has no EMA weights'),
 ]
+STAGES = {  # name: how the finished run's checkpoint is altered
+    'copy': lambda c: None,
+    'teacher': lambda c: c['config'].update(teacher='/another/teacher'),
+    'tokenizer': lambda c: c.update(tokenizer_hash='0123456789abcdef'),
+    'own': lambda c: (c.update(student_tokenizer='{"model": "a BPE"}'), c['config'].update(student_tokenizer='bpe512')),
+    'cognate': lambda c: c['model_args'].update(recursions=2),
+}
+
+
+def stage_checkpoints(finished, out):
+    """out/<name>.pt for each of STAGES."""
+    out.mkdir()
+    for name, change in STAGES.items():
+        ckpt = torch.load(finished / 'ckpt.pt', weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, out / f'{name}.pt')
+    return out
 
 
 @pytest.mark.parametrize('name,argv,words', BAD, ids=[b[0] for b in BAD])
@@ -183,7 +217,8 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_teacher, tiny_data, fini
     (truncated_dir / 'ckpt.pt').write_bytes(good[:len(good) // 3])
     places = {'t': tiny_teacher, 'o': finished, 'truncated': truncated_dir / 'ckpt.pt', 'truncated_dir': truncated_dir,
               'other': variant(tiny_data, tmp_path / 'a', other_tokenizer) if '{other}' in ''.join(argv) else '',
-              'short': variant(tiny_data, tmp_path / 'b', too_short) if '{short}' in ''.join(argv) else ''}
+              'short': variant(tiny_data, tmp_path / 'b', too_short) if '{short}' in ''.join(argv) else '',
+              'stage': stage_checkpoints(finished, tmp_path / 'stage') if '{stage}' in ''.join(argv) else ''}
     argv = [a.format(**places) for a in argv]
     if argv[0] == 'sample.py':
         cmd = [str(ROOT / 'sample.py'), *argv[1:]]
