@@ -4,8 +4,9 @@ counter and log; pruned, it keeps exactly the slices it records; it resumes exac
 weights (or the student is the checkpoint's EMA); it goes on with the checkpoint's data order; a student with its
 own tokenizer keeps it and its projector. The bad inputs are rows of tests/test_recovery.py's BAD table. The stages
 start from `first`: the tiny random teacher's own weights (a SwiGLU student with 4 query heads over 2 key/value
-heads, 2 layers of 32, MLP 64) trained for 4 steps.
-Run: python -m pytest tests/test_stages.py"""
+heads, 2 layers of 32, MLP 64) trained for 4 steps. Marked slow (about 80 s of train.py runs), to keep the
+default run within its time; CI runs them.
+Run: python -m pytest -m slow tests/test_stages.py"""
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from test_recovery import equal, same_records
 from test_train import ROOT, records, run, tiny_args
 from vocab import Projector
 
+pytestmark = pytest.mark.slow
 TRAIN = script_settings(ROOT / 'train.py')  # train.py's defaults
 FIRST = dict(init_from='teacher', **TEACHER_SIZES, max_iters=4, eval_interval=2, ema_decay=0.9, watch_tokens=0,
              plot=False)
