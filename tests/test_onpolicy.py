@@ -114,22 +114,27 @@ def test_sampling_is_drawn_from_seed_step_and_micro_step(tiny_examples, models):
     assert draws(1337, 5, 2) != draws(1337, 2, 5) != draws(1338, 5, 2)
 
 
-@pytest.mark.slow  # three train.py runs: ~25 s of the default run's 15-minute budget
-def test_resume_is_exact_with_onpolicy_batches(tiny_teacher, tiny_examples, tmp_path):
-    """N steps straight == N/2, resume, N/2 with half the micro-steps answered by the student (jsd): identical
-    records, weights and optimizer state; and the run did train on sampled answers as well as recorded ones."""
-    kw = dict(max_iters=8, eval_interval=4, lr_decay_iters=8, onpolicy_frac=0.5, kd_loss='jsd', watch_tokens=0,
-              plot=False, gradient_accumulation_steps=2, block_size=64)
+@pytest.mark.slow  # four train.py runs: ~30 s
+def test_an_onpolicy_stage_resumes_exactly(tiny_teacher, tiny_examples, tmp_path):
+    """On-policy as a second stage: a supervised run of 2 steps, then a stage from its ckpt.pt with half the
+    micro-steps answered by the student (jsd). The stage's N steps straight == N/2, resume, N/2: identical records,
+    weights and optimizer state; and the stage did train on sampled answers as well as recorded ones."""
+    base = dict(kd_loss='jsd', watch_tokens=0, plot=False, gradient_accumulation_steps=2, block_size=64)
+    first = tmp_path / 'first'
+    run('train.py', *tiny_args(tiny_teacher, tiny_examples, first, **base, max_iters=2, eval_interval=2))
+    kw = dict(base, max_iters=8, eval_interval=4, lr_decay_iters=8, onpolicy_frac=0.5, init_from=first / 'ckpt.pt')
     straight, split = tmp_path / 'straight', tmp_path / 'split'
     run('train.py', *tiny_args(tiny_teacher, tiny_examples, straight, **kw))
     run('train.py', *tiny_args(tiny_teacher, tiny_examples, split, **{**kw, 'max_iters': 4}))
     run('train.py', *tiny_args(tiny_teacher, tiny_examples, split, **kw), '--init_from=resume')
+    assert records(straight)[0]['val_ce'] == [r for r in records(first) if 'val_ce' in r][-1]['val_ce']
     same_records(records(straight), records(split), keys=('loss', 'ce', 'kl', 'grad_norm', 'onpolicy', 'val_ce'))
     shares = [r['onpolicy'] for r in records(straight) if 'onpolicy' in r]
     assert len(shares) == 8 and 0 < sum(shares) < 8  # both kinds of micro-step happened
     a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, split))
     assert all(torch.equal(v, b['model'][k]) for k, v in a['model'].items())
     assert equal(a['optimizer'], b['optimizer'])
+    assert a['inherited']['stages'][0]['checkpoint'] == str(first / 'ckpt.pt')
 
 
 @pytest.mark.slow
